@@ -1,0 +1,138 @@
+"""`tilenorm-bmz convert` end to end through the CLI."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tilenorm_bmz.checkpoint import load_checkpoint, save_checkpoint
+from tilenorm_bmz.cli import app
+from tilenorm_bmz.models import UNet
+from tilenorm_bmz.norm import BatchRenorm
+
+from .conftest import randomize_norm_stats
+
+runner = CliRunner()
+
+ARCH = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class SmallNet(nn.Module):
+        def __init__(self, width=4):
+            super().__init__()
+            self.conv = nn.Conv2d(1, width, 3, padding=1)
+            self.bn = nn.BatchNorm2d(width)
+            self.gn = nn.GroupNorm(2, width)
+            self.head = nn.Conv2d(width, 1, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.gn(self.bn(self.conv(x)))))
+    """
+)
+
+
+def _output(result) -> str:
+    return result.output  # stdout and stderr interleaved
+
+
+@pytest.fixture
+def arch_module(tmp_path, monkeypatch):
+    (tmp_path / "cli_arch.py").write_text(ARCH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    import sys
+
+    sys.modules.pop("cli_arch", None)
+    return importlib.import_module("cli_arch")
+
+
+def test_convert_our_batchnorm_checkpoint(tmp_path) -> None:
+    net = randomize_norm_stats(UNet(dims=2, features=4, norm="batchnorm")).eval()
+    save_checkpoint(tmp_path / "bn.pt", net, input_normalization={"mode": "global"})
+    result = runner.invoke(app, ["convert", str(tmp_path / "bn.pt"), "-o", str(tmp_path / "brn.pt"), "--show"])
+    assert result.exit_code == 0, _output(result)
+    assert "10 layer(s) converted to batchrenorm" in result.output
+    model, info = load_checkpoint(tmp_path / "brn.pt")
+    assert info.norm_kind == "batchrenorm"
+    assert sum(isinstance(m, BatchRenorm) for m in model.modules()) == 10
+    x = torch.randn(1, 1, 16, 16)
+    assert torch.equal(model(x), net(x))
+    assert info.extra["input_normalization"] == {"mode": "global"}  # carried over
+    assert info.extra["source_kind"] == "checkpoint"
+
+
+def test_convert_plain_state_dict_with_arch(tmp_path, arch_module) -> None:
+    net = randomize_norm_stats(arch_module.SmallNet(width=4)).eval()
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    out = tmp_path / "out.pt"
+    result = runner.invoke(app, ["convert", str(tmp_path / "sd.pt"), "--arch", "cli_arch:SmallNet",
+                                 "--arch-kwargs", '{"width": 4}', "-o", str(out)])
+    assert result.exit_code == 0, _output(result)
+    assert "without running statistics" in result.output  # the GroupNorm
+    model, info = load_checkpoint(out)
+    assert isinstance(model.bn, BatchRenorm) and isinstance(model.gn, BatchRenorm)
+    assert info.architecture.norm_conversion == "batchrenorm"
+    torch.testing.assert_close(model.bn.running_var, net.bn.running_var)
+
+
+def test_convert_state_dict_with_arch_file(tmp_path) -> None:
+    (tmp_path / "arch.py").write_text(ARCH)
+    ns: dict = {}
+    exec(compile(ARCH, "arch", "exec"), ns)
+    torch.save({"state_dict": ns["SmallNet"]().state_dict()}, tmp_path / "sd.pt")
+    result = runner.invoke(app, ["convert", str(tmp_path / "sd.pt"), "--arch-file", str(tmp_path / "arch.py"),
+                                 "--arch-callable", "SmallNet", "-o", str(tmp_path / "o.pt")])
+    assert result.exit_code == 0, _output(result)
+    model, info = load_checkpoint(tmp_path / "o.pt")
+    assert info.architecture.kind == "source" and isinstance(model.gn, BatchRenorm)
+
+
+def test_convert_torch_em_style_checkpoint(tmp_path, arch_module) -> None:
+    net = arch_module.SmallNet(width=4)
+    torch.save({"model_state": net.state_dict(), "iteration": 10,
+                "init": {"model_class": "cli_arch.SmallNet", "model_kwargs": {"width": 4}}}, tmp_path / "best.pt")
+    result = runner.invoke(app, ["convert", str(tmp_path / "best.pt"), "-o", str(tmp_path / "o.pt")])
+    assert result.exit_code == 0, _output(result)
+    _, info = load_checkpoint(tmp_path / "o.pt")
+    assert info.extra["source_kind"] == "torch_em"
+    assert info.architecture.target == "cli_arch:SmallNet"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "cli_arch:SmallNet", "--arch-kwargs", '{"width": 8}'], "do not fit"),
+        ([], "--arch package.module:Callable"),
+        (["--arch", "no_such_module:Net"], "cannot import"),
+        (["--arch", "cli_arch:SmallNet", "--arch-kwargs", "{width"], "error"),
+    ],
+)
+def test_convert_bad_input_exit_2(tmp_path, arch_module, args, message) -> None:
+    torch.save(arch_module.SmallNet(width=4).state_dict(), tmp_path / "sd.pt")
+    out = tmp_path / "o.pt"
+    result = runner.invoke(app, ["convert", str(tmp_path / "sd.pt"), "-o", str(out), *args])
+    assert result.exit_code == 2, _output(result)
+    assert message in _output(result)
+    assert not out.exists()
+
+
+def test_convert_refuses_existing_output_and_missing_source(tmp_path) -> None:
+    save_checkpoint(tmp_path / "a.pt", UNet(dims=2, features=4, norm="batchnorm"))
+    (tmp_path / "exists.pt").write_bytes(b"keep me")
+    result = runner.invoke(app, ["convert", str(tmp_path / "a.pt"), "-o", str(tmp_path / "exists.pt")])
+    assert result.exit_code == 2 and "--overwrite" in _output(result)
+    assert (tmp_path / "exists.pt").read_bytes() == b"keep me"
+    result = runner.invoke(app, ["convert", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "o.pt")])
+    assert result.exit_code == 2 and "does not exist" in _output(result)
+
+
+def test_version_and_help() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and "tilenorm-bmz" in result.output
+    result = runner.invoke(app, ["convert", "--help"])
+    assert result.exit_code == 0 and "Examples" in result.output

@@ -1,0 +1,312 @@
+"""Convert someone's network to BatchRenorm: the library side of ``tilenorm-bmz convert``.
+
+Sources understood by :func:`convert_source`:
+
+* a tilenorm-bmz checkpoint (any norm kind; our UNet is rebuilt with ``norm="batchrenorm"``);
+* a plain state dict (``.pt``/``.pth``, or a dict holding it under ``state_dict``/``model_state_dict``)
+  plus an architecture: an importable ``module:Callable`` or a source file and callable name;
+* a torch-em checkpoint (``model_state`` + ``init.model_class``/``init.model_kwargs``; torch-em must be
+  importable to rebuild the network);
+* a bioimage.io model package (zip, folder or ``rdf.yaml``) with ``pytorch_state_dict`` weights.
+
+Everything is loaded with ``torch.load(weights_only=True)``; inputs are never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import (
+    ArchitectureSpec,
+    CheckpointError,
+    architecture_of,
+    build_model,
+    load_checkpoint,
+    load_torch_file,
+    save_checkpoint,
+)
+from .norm import ConversionReport, calibrate_norm, convert_norm
+
+__all__ = ["ConvertedModel", "SourceKind", "convert_source", "detect_source_kind", "model_dims"]
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["checkpoint", "state_dict", "torch_em", "bioimageio"]
+
+_STATE_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
+
+
+@dataclass
+class ConvertedModel:
+    """A converted network and everything needed to save it as a checkpoint."""
+
+    model: nn.Module
+    architecture: ArchitectureSpec
+    report: ConversionReport
+    source: Path
+    source_kind: SourceKind
+    calibrated_batches: int = 0
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        extra = dict(self.extra)
+        extra.update(
+            converted_from=str(self.source),
+            source_kind=self.source_kind,
+            conversion=self.report.model_dump(mode="json"),
+            calibrated_batches=self.calibrated_batches,
+        )
+        return save_checkpoint(path, self.model, step=self.step, architecture=self.architecture, **extra)
+
+
+def model_dims(model: nn.Module) -> int:
+    """Spatial dimensionality of a network: its ``dims`` attribute or that of its first convolution."""
+    dims = getattr(model, "dims", None)
+    if dims in (1, 2, 3):
+        return int(dims)
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
+            return 3
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            return 2
+        if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
+            return 1
+    raise ValueError(f"cannot tell the spatial dimensionality of {type(model).__name__}: it has no convolutions")
+
+
+def _is_bioimageio(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "rdf.yaml").exists() or (path / "bioimageio.yaml").exists()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return True
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = {Path(n).name for n in zf.namelist()}
+        return "rdf.yaml" in names or "bioimageio.yaml" in names
+    return False
+
+
+def detect_source_kind(path: Path, obj: Any = None) -> SourceKind:
+    """Which kind of source ``path`` is (``obj``: its already loaded content, for torch files)."""
+    if _is_bioimageio(path):
+        return "bioimageio"
+    if obj is None:
+        obj = load_torch_file(path)
+    if isinstance(obj, dict):
+        if obj.get("format") == "tilenorm_bmz.checkpoint":
+            return "checkpoint"
+        if "model_state" in obj and isinstance(obj.get("init"), dict):
+            return "torch_em"
+        if _extract_state_dict(obj) is not None:
+            return "state_dict"
+    raise CheckpointError(
+        f"{path} is not a checkpoint, state dict, torch-em checkpoint or bioimage.io package "
+        f"(it holds a {type(obj).__name__})"
+    )
+
+
+def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    return None
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:4])
+        raise ValueError(f"the weights do not fit {what}: {detail}. Check --arch and --arch-kwargs.") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"the weights do not fit {what}: missing keys {result.missing_keys[:6]}"
+            f"{' ...' if len(result.missing_keys) > 6 else ''}, unexpected keys {result.unexpected_keys[:6]}"
+            f"{' ...' if len(result.unexpected_keys) > 6 else ''}. Check --arch and --arch-kwargs."
+        )
+
+
+def _foreign_spec(
+    arch: str | None, arch_kwargs: dict[str, Any], arch_file: Path | None, arch_callable: str | None
+) -> ArchitectureSpec:
+    if arch_file is not None:
+        if not arch_file.is_file():
+            raise FileNotFoundError(f"architecture file {arch_file} does not exist")
+        name = arch_callable or (arch.split(":")[-1] if arch else None)
+        if not name:
+            raise ValueError("--arch-file needs --arch-callable NAME (the class or function to call)")
+        return ArchitectureSpec(
+            kind="source",
+            source_code=arch_file.read_text(encoding="utf-8"),
+            source_name=arch_file.name,
+            callable=name,
+            kwargs=arch_kwargs,
+        )
+    if not arch:
+        raise ValueError(
+            "a plain state dict does not say which network it belongs to: pass --arch package.module:Callable "
+            "(and --arch-kwargs JSON), or --arch-file FILE.py --arch-callable NAME"
+        )
+    return ArchitectureSpec(kind="callable", target=arch, kwargs=arch_kwargs)
+
+
+def _with_conversion(spec: ArchitectureSpec, model: nn.Module) -> ArchitectureSpec:
+    if spec.kind == "unet":
+        kwargs = dict(spec.kwargs)
+        norm = kwargs.get("norm", "batchrenorm")
+        norm = dict(norm) if isinstance(norm, dict) else {"kind": norm}
+        momentum = norm.get("momentum", 0.01) if norm.get("kind") == "batchnorm" else 0.01
+        norm.update(kind="batchrenorm", momentum=momentum)
+        kwargs["norm"] = norm
+        return spec.model_copy(update={"kwargs": kwargs})
+    return spec.model_copy(update={"norm_conversion": "batchrenorm", "convert_dims": model_dims(model)})
+
+
+def _load_source(
+    source: Path,
+    arch: str | None,
+    arch_kwargs: dict[str, Any],
+    arch_file: Path | None,
+    arch_callable: str | None,
+) -> tuple[nn.Module, ArchitectureSpec, SourceKind, dict[str, Any]]:
+    """Build the unconverted network from any source; returns (model, spec, kind, extra)."""
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    if _is_bioimageio(source):
+        from .bmz import read_package_model
+
+        model, spec, extra = read_package_model(source)
+        return model, spec, "bioimageio", extra
+    obj = load_torch_file(source)
+    kind = detect_source_kind(source, obj)
+    if kind == "checkpoint":
+        model, info = load_checkpoint(source)
+        spec = architecture_of(model) or info.architecture
+        return model, spec, kind, dict(info.extra)
+    if kind == "torch_em":
+        init = obj["init"]
+        cls_path = init.get("model_class")
+        if not isinstance(cls_path, str) or "." not in cls_path:
+            raise ValueError(f"{source}: torch-em checkpoint has no usable init['model_class']")
+        mod, _, name = cls_path.rpartition(".")
+        spec = ArchitectureSpec(kind="callable", target=f"{mod}:{name}", kwargs=dict(init.get("model_kwargs") or {}))
+        try:
+            model = build_model(spec)
+        except ValueError as e:
+            raise ValueError(f"{source} is a torch-em checkpoint; rebuilding {cls_path} needs torch-em: {e}") from e
+        _load_strict(model, obj["model_state"], cls_path)
+        return model, spec, kind, {}
+    state = _extract_state_dict(obj)
+    assert state is not None
+    spec = _foreign_spec(arch, arch_kwargs, arch_file, arch_callable)
+    model = build_model(spec)
+    _load_strict(model, state, spec.describe())
+    return model, spec, "state_dict", {}
+
+
+def _calibration_batches(
+    paths: Sequence[Path], n_tiles: int, tile_shape: tuple[int, ...], divisor: tuple[int, ...],
+    in_channels: int | None, normalization: Any, seed: int = 0,
+) -> Iterator[torch.Tensor]:
+    from .data import open_image
+
+    rng = np.random.default_rng(seed)
+    images = [open_image(p) for p in paths]
+    for img in images:
+        if in_channels is not None and img.shape[0] != in_channels:
+            raise ValueError(f"{img.path}: the network expects {in_channels} channel(s), the image has {img.shape[0]}")
+        if len(img.shape) - 1 != len(tile_shape):
+            raise ValueError(
+                f"{img.path}: a {len(tile_shape)}D network cannot be calibrated on an image with "
+                f"{len(img.shape) - 1} spatial axes (shape {img.shape})"
+            )
+    fitted = [normalization.fit(img) for img in images]
+    for i in range(n_tiles):
+        k = i % len(images)
+        img = images[k]
+        spatial = img.shape[1:]
+        shape = []
+        for s, t, d in zip(spatial, tile_shape, divisor, strict=True):
+            size = min(t, s)
+            size = max(d, (size // d) * d)
+            shape.append(size)
+        starts = [int(rng.integers(0, max(1, s - t + 1))) for s, t in zip(spatial, shape, strict=True)]
+        sl = (slice(None),) + tuple(slice(a, a + t) for a, t in zip(starts, shape, strict=True))
+        tile = np.asarray(img[sl], dtype=np.float32)
+        pad = [(0, 0)] + [(0, t - s) for s, t in zip(tile.shape[1:], shape, strict=True)]
+        if any(p[1] for p in pad):
+            tile = np.pad(tile, pad)
+        yield torch.from_numpy(fitted[k].apply(tile))[None]
+
+
+def convert_source(
+    source: str | Path,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    arch_file: str | Path | None = None,
+    arch_callable: str | None = None,
+    calibrate: Sequence[str | Path] = (),
+    calibrate_tiles: int = 32,
+    tile_shape: tuple[int, ...] | None = None,
+    device: str | torch.device = "cpu",
+) -> ConvertedModel:
+    """Load any supported source, convert its norm layers to BatchRenorm, optionally calibrate.
+
+    Parameters
+    ----------
+    source
+        Checkpoint, state dict, torch-em checkpoint or bioimage.io package.
+    arch, arch_kwargs, arch_file, arch_callable
+        The architecture of a plain state dict.
+    calibrate
+        Images to recompute the running statistics on (global quantile normalization as the model was
+        trained, random tiles of ``tile_shape``).
+    """
+    source = Path(source)
+    model, spec, kind, extra = _load_source(
+        source, arch, dict(arch_kwargs or {}), Path(arch_file) if arch_file else None, arch_callable
+    )
+    dims = model_dims(model)
+    converted, report = convert_norm(model, to="batchrenorm", inplace=True, dims=dims)
+    new_spec = _with_conversion(spec, converted)
+    converted._tilenorm_architecture = new_spec  # type: ignore[assignment]
+    if not report.converted and not any(True for _ in _brn_layers(converted)):
+        logger.warning("%s has no normalization layers to convert", source)
+    result = ConvertedModel(converted, new_spec, report, source, kind, extra=extra)
+    if calibrate:
+        from .data import InputNormalization
+
+        divisor = tuple(getattr(converted, "divisor", (1,) * dims))
+        tiles = tile_shape or ((64,) * 3 if dims == 3 else (256,) * dims)
+        if len(tiles) != dims:
+            raise ValueError(f"--tile has {len(tiles)} axes but the network is {dims}D")
+        norm_cfg = extra.get("input_normalization")
+        normalization = InputNormalization.model_validate(norm_cfg) if norm_cfg else InputNormalization()
+        in_ch = getattr(converted, "in_channels", None)
+        batches = _calibration_batches([Path(p) for p in calibrate], calibrate_tiles, tiles, divisor,
+                                       in_ch, normalization)
+        converted.to(device)
+        result.calibrated_batches = calibrate_norm(converted, batches, device=device)
+        converted.cpu()
+    return result
+
+
+def _brn_layers(model: nn.Module) -> Iterator[nn.Module]:
+    from .norm import BatchRenorm
+
+    return (m for m in model.modules() if isinstance(m, BatchRenorm))

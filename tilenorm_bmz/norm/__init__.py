@@ -1,0 +1,18 @@
+"""Normalization layers: BatchRenorm, its schedule, and conversion of any network's norm layers."""
+
+from ..config import RenormSchedule
+from .batchrenorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .convert import ConversionReport, LayerConversion, SkippedLayer, calibrate_norm, convert_norm
+
+__all__ = [
+    "BatchRenorm",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "RenormSchedule",
+    "ConversionReport",
+    "LayerConversion",
+    "SkippedLayer",
+    "convert_norm",
+    "calibrate_norm",
+]
