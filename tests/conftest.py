@@ -11,6 +11,10 @@ import torch
 
 from tilenorm_bmz.models import UNet
 
+# Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine spinning OpenMP threads
+# slow them down by 10x: the suite runs single-threaded.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

@@ -54,7 +54,7 @@ def test_reverse_conversion_for_export_is_identical() -> None:
             m.set_renorm_limits(3.0, 5.0)
     net.eval()
     x = torch.randn(1, 1, 12, 12, 12)
-    exported, report = convert_norm(net, to="batchnorm")
+    exported, _ = convert_norm(net, to="batchnorm")
     assert not any(isinstance(m, BatchRenorm) for m in exported.modules())
     assert sum(isinstance(m, nn.BatchNorm3d) for m in exported.modules()) == 10
     assert torch.equal(exported(x), net(x))

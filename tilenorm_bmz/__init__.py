@@ -47,5 +47,11 @@ __all__ = [
     "convert_norm",
     "load_checkpoint",
     "save_checkpoint",
-    *_LAZY,
+    "export_package",
+    "validate_package",
+    "TiledPredictor",
+    "receptive_field",
+    "dice",
+    "tile_mismatch",
+    "train_eval_disparity",
 ]

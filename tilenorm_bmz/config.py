@@ -23,25 +23,26 @@ if TYPE_CHECKING:  # the numeric side of InputNormalization; imported lazily at 
 
 __all__ = [
     "NORM_KINDS",
-    "NormKind",
-    "StrictModel",
-    "NormConfig",
-    "UNetConfig",
-    "RenormSchedule",
-    "atomic_write_text",
-    "WEIGHT_FORMATS",
-    "WeightFormat",
-    "PersonConfig",
-    "MaintainerConfig",
-    "CitationConfig",
-    "ExportConfig",
-    "NormalizationMode",
     "SAMPLE_NAMES",
-    "InputNormalization",
-    "TargetConfig",
-    "SplitConfig",
-    "SyntheticConfig",
+    "WEIGHT_FORMATS",
+    "CitationConfig",
     "DataConfig",
+    "ExportConfig",
+    "InputNormalization",
+    "MaintainerConfig",
+    "NormConfig",
+    "NormKind",
+    "NormalizationMode",
+    "PersonConfig",
+    "RenormSchedule",
+    "SplitConfig",
+    "StrictModel",
+    "SyntheticConfig",
+    "TargetConfig",
+    "TrainConfig",
+    "UNetConfig",
+    "WeightFormat",
+    "atomic_write_text",
 ]
 
 NormKind = Literal["batchrenorm", "batchnorm", "instancenorm", "groupnorm", "none"]
@@ -67,7 +68,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 class StrictModel(BaseModel):
     """Base for all configs: unknown keys are errors, assignments are validated, YAML round-trips."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
         """Serialize to YAML (``model_dump(mode="json")``); also write it atomically when ``path`` is given."""
@@ -103,9 +104,12 @@ class NormConfig(StrictModel):
     """
 
     kind: NormKind = "batchrenorm"
+    """batchrenorm | batchnorm | instancenorm | groupnorm | none."""
     momentum: float = Field(0.01, gt=0.0, le=1.0)
+    """Running-statistics momentum (PyTorch convention; the paper: 0.01)."""
     eps: float = Field(1e-5, gt=0.0)
     groups: int = Field(8, ge=1)
+    """Groups of groupnorm (capped at, and made a divisor of, the channel count)."""
 
 
 PoolFactor = tuple[int, ...]
@@ -120,12 +124,17 @@ class UNetConfig(StrictModel):
     """
 
     dims: Literal[2, 3] = 3
+    """Spatial dimensions."""
     in_channels: int = Field(1, ge=1)
     out_channels: int = Field(2, ge=1)
+    """One per target channel (foreground, boundary[, background])."""
     depth: int = Field(2, ge=0, le=6)
+    """Number of downsamplings (the paper: 2)."""
     features: int | list[int] = 32
+    """Channels of the first level, doubled per level (32 -> 32/64/128), or a list of depth + 1 counts."""
     norm: NormConfig = Field(default_factory=NormConfig)
     pool_factors: list[PoolFactor] | None = None
+    """One pooling factor per downsampling (int or per-axis list such as [1, 2, 2]); null: 2 everywhere."""
     final_activation: Literal["sigmoid", "softmax", "none"] = "sigmoid"
 
     @field_validator("norm", mode="before")
@@ -268,7 +277,8 @@ class MaintainerConfig(StrictModel):
 
 
 class CitationConfig(StrictModel):
-    """A reference to cite; at least one of ``doi`` and ``url``."""
+    """A reference to cite; at least one of ``doi`` and ``url``. Prefer a DOI: bioimage.io's validation
+    sends a request to every ``url``, so a package citing URLs is not tested fully offline."""
 
     text: str = Field(min_length=1)
     doi: str | None = None
@@ -407,7 +417,9 @@ class InputNormalization(StrictModel):
                 )
             bad = [i for i, (lo, hi) in enumerate(zip(self.low, self.high, strict=True)) if not hi > lo]
             if bad:
-                raise ValueError(f"input_normalization high must be larger than low; not so for channel(s) {bad}")
+                raise ValueError(
+                    f"input_normalization high must be larger than low; not so for channel(s) {bad}"
+                )
         elif self.low is not None or self.high is not None:
             raise ValueError(
                 f"input_normalization low/high are only used by mode 'fixed'; remove them or set mode: fixed "
@@ -466,7 +478,9 @@ class SplitConfig(StrictModel):
     @classmethod
     def _fraction(cls, v: float) -> float:
         if not 0.0 < v < 1.0:
-            raise ValueError(f"split.fraction is the training share, strictly between 0 and 1 (e.g. 0.7); got {v}")
+            raise ValueError(
+                f"split.fraction is the training share, strictly between 0 and 1 (e.g. 0.7); got {v}"
+            )
         return v
 
 
@@ -526,8 +540,8 @@ class DataConfig(StrictModel):
                 )
             if len(self.labels) != len(self.images):
                 raise ValueError(
-                    f"data.images has {len(self.images)} entries but data.labels has {len(self.labels)}: give "
-                    f"one instance label image per image, in the same order"
+                    f"data.images has {len(self.images)} entries but data.labels has {len(self.labels)}: "
+                    f"give one instance label image per image, in the same order"
                 )
         want = _SAMPLE_DIMS.get(self.sample or "")
         if want is not None and dims != want:
@@ -536,14 +550,16 @@ class DataConfig(StrictModel):
                 f"sample {self.sample!r} is {want}D: data.tile_shape needs {want} sizes (e.g. {example}); "
                 f"got {list(self.tile_shape)}"
             )
-        if self.sample == "synthetic" and self.synthetic.shape is not None:
-            if len(self.synthetic.shape) != dims:
-                raise ValueError(
-                    f"data.synthetic.shape {list(self.synthetic.shape)} and data.tile_shape "
-                    f"{list(self.tile_shape)} must have the same number of axes"
-                )
+        synthetic_shape = self.synthetic.shape
+        if self.sample == "synthetic" and synthetic_shape is not None and len(synthetic_shape) != dims:
+            raise ValueError(
+                f"data.synthetic.shape {list(synthetic_shape)} and data.tile_shape "
+                f"{list(self.tile_shape)} must have the same number of axes"
+            )
         if not -dims <= self.split.axis < dims:
-            raise ValueError(f"data.split.axis must be a spatial axis in [-{dims}, {dims - 1}]; got {self.split.axis}")
+            raise ValueError(
+                f"data.split.axis must be a spatial axis in [-{dims}, {dims - 1}]; got {self.split.axis}"
+            )
         if self.split.by == "image" and len(self.images) < 2:
             raise ValueError(
                 "data.split.by 'image' needs at least 2 images (some train, the rest validate); with one "
@@ -566,3 +582,108 @@ class DataConfig(StrictModel):
         return self.model_copy(
             update={"images": [fix(p) for p in self.images], "labels": [fix(p) for p in self.labels]}
         )
+
+
+class TrainConfig(StrictModel):
+    """A training run: network, data, optimizer and the BatchRenorm schedule (``tilenorm-bmz train``).
+
+    One ``steps`` is one optimizer step, made of ``grad_accumulation`` forward/backward passes of
+    ``batch_size`` tiles each (the paper: batch 1, accumulation 8). The BatchRenorm schedule is driven by
+    this global step. The same config trains every norm kind (``model.norm``), so they can be compared.
+    """
+
+    model: UNetConfig | None = None
+    """The network; may be omitted only when fine-tuning an existing model (``convert --finetune``)."""
+    data: DataConfig
+    schedule: RenormSchedule = Field(default_factory=RenormSchedule)
+    """BatchRenorm clipping schedule: r_max = 1, d_max = 0 for warmup_steps, then a linear ramp."""
+    steps: int = Field(6000, ge=1)
+    """Number of optimizer steps."""
+    batch_size: int = Field(1, ge=1)
+    """Tiles per forward pass (the batch the normalization layers see)."""
+    grad_accumulation: int = Field(8, ge=1)
+    """Forward/backward passes per optimizer step."""
+    lr: float = Field(1e-3, gt=0.0)
+    """Adam learning rate."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    """Mixed precision on CUDA (BatchRenorm statistics stay float32)."""
+    validate_every: int = Field(500, ge=1)
+    """Validate (tiled Dice in eval mode, train/eval disparity) every this many steps, and at the end."""
+    checkpoint_every: int = Field(500, ge=1)
+    """Write ``last.pt`` every this many steps (and at the end, and on Ctrl-C)."""
+    val_tile_shape: tuple[int, ...] | None = None
+    """Tile of the validation prediction; default: the training tile enlarged to cover the halo well."""
+    val_batch_size: int = Field(2, ge=1)
+    disparity_tiles: int = Field(4, ge=0)
+    """Validation tiles for the train/eval disparity probe (0 to skip)."""
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    """Binarization threshold of predictions for Dice."""
+    seed: int = Field(0, ge=0)
+    """Seeds the network initialization (the data has its own seed)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.model is None:
+            return self
+        m, d = self.model, self.data
+        if m.dims != d.dims:
+            raise ValueError(
+                f"model.dims is {m.dims} but data.tile_shape {list(d.tile_shape)} is {d.dims}D; make them agree"
+            )
+        bad = [f"{t} (axis {a})" for a, (t, q) in enumerate(zip(d.tile_shape, m.divisor, strict=True)) if t % q]
+        if bad:
+            fixed = [max(q, round(t / q) * q) for t, q in zip(d.tile_shape, m.divisor, strict=True)]
+            raise ValueError(
+                f"data.tile_shape {list(d.tile_shape)} is not a multiple of the network's divisor "
+                f"{list(m.divisor)} (product of the pooling factors) at {', '.join(bad)}; use e.g. {fixed}"
+            )
+        if self.val_tile_shape is not None:
+            if len(self.val_tile_shape) != m.dims:
+                raise ValueError(f"val_tile_shape needs {m.dims} sizes, got {list(self.val_tile_shape)}")
+            if any(t % q for t, q in zip(self.val_tile_shape, m.divisor, strict=True)):
+                raise ValueError(
+                    f"val_tile_shape {list(self.val_tile_shape)} must be a multiple of the divisor {list(m.divisor)}"
+                )
+        n_targets = d.targets.n_channels
+        if m.out_channels != n_targets:
+            raise ValueError(
+                f"model.out_channels is {m.out_channels} but the targets have {n_targets} channels "
+                f"({', '.join(d.targets.channel_names)}); set model.out_channels: {n_targets}"
+            )
+        if m.final_activation == "softmax" and not d.targets.background:
+            raise ValueError(
+                "final_activation softmax needs mutually exclusive classes: set data.targets.background: true "
+                "(foreground, boundary, background), or use sigmoid"
+            )
+        return self
+
+    def advice(self) -> list[str]:
+        """Warnings about settings that are valid but probably not what the user wants."""
+        out: list[str] = []
+        kind = self.model.norm.kind if self.model is not None else None
+        if kind == "batchnorm" and self.batch_size < 8:
+            out.append(
+                f"batchnorm with batch_size {self.batch_size}: running statistics will disagree with the batch "
+                "statistics the network trains with (train/eval disparity); use norm batchrenorm"
+            )
+        if kind in ("instancenorm", "groupnorm"):
+            out.append(
+                f"{kind} normalizes every tile on its own, so tiled predictions will show seams; use batchrenorm"
+            )
+        if kind == "batchrenorm" and self.schedule.warmup_steps < 500 <= self.steps:
+            out.append(
+                f"schedule.warmup_steps is {self.schedule.warmup_steps}: with momentum 0.01 the running "
+                "statistics need about 500 steps to settle before r_max/d_max ramp up"
+            )
+        if kind == "batchrenorm" and self.schedule.warmup_steps >= self.steps:
+            out.append(
+                f"schedule.warmup_steps ({self.schedule.warmup_steps}) >= steps ({self.steps}): the run never "
+                "leaves the plain-BatchNorm phase"
+            )
+        if self.data.input_normalization.mode == "tilewise":
+            out.append("tilewise input normalization makes predictions depend on the tile (seams); the paper "
+                       "compares it, use global for models you share")
+        return out
+

@@ -245,7 +245,7 @@ def _calibration_batches(
             size = max(d, (size // d) * d)
             shape.append(size)
         starts = [int(rng.integers(0, max(1, s - t + 1))) for s, t in zip(spatial, shape, strict=True)]
-        sl = (slice(None),) + tuple(slice(a, a + t) for a, t in zip(starts, shape, strict=True))
+        sl = (slice(None), *(slice(a, a + t) for a, t in zip(starts, shape, strict=True)))
         tile = np.asarray(img[sl], dtype=np.float32)
         pad = [(0, 0)] + [(0, t - s) for s, t in zip(tile.shape[1:], shape, strict=True)]
         if any(p[1] for p in pad):

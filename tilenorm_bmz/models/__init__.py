@@ -2,4 +2,4 @@
 
 from .unet import NORM_KINDS, UNet, make_norm
 
-__all__ = ["UNet", "NORM_KINDS", "make_norm"]
+__all__ = ["NORM_KINDS", "UNet", "make_norm"]

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["UNet", "NORM_KINDS", "make_norm"]
+__all__ = ["NORM_KINDS", "UNet", "make_norm"]
 
 NORM_KINDS = ("batchrenorm", "batchnorm", "instancenorm", "groupnorm", "none")
 _ACTIVATIONS = ("sigmoid", "softmax", "none")
@@ -115,7 +115,7 @@ class UNet(nn.Module):
     torch.Size([1, 2, 64, 64])
     """
 
-    __jit_unused_properties__ = ["divisor", "init_kwargs"]
+    __jit_unused_properties__ = ["divisor", "init_kwargs"]  # noqa: RUF012 - TorchScript reads it
 
     def __init__(
         self,
@@ -247,12 +247,12 @@ class UNet(nn.Module):
         if not torch.jit.is_scripting():
             self.check_input_shape(x.shape)
         skips: list[Tensor] = []
-        for enc, pool in zip(self.encoders, self.pools):
+        for enc, pool in zip(self.encoders, self.pools):  # noqa: B905 - TorchScript has no strict=
             x = enc(x)
             skips.append(x)
             x = pool(x)
         x = self.bottleneck(x)
-        for i, (up, dec) in enumerate(zip(self.upsamplers, self.decoders)):
+        for i, (up, dec) in enumerate(zip(self.upsamplers, self.decoders)):  # noqa: B905
             x = up(x)
             x = dec(torch.cat([skips[len(skips) - 1 - i], x], dim=1))
         return self.activation(self.head(x))
