@@ -1,0 +1,50 @@
+"""Seamless tiled prediction: block geometry, receptive field -> halo, in memory, out of core, on dask.
+
+* :class:`Tiling` / :class:`Block`: frozen value objects of a tiling (where each tile reads, which output
+  it owns); tiles lie inside the image and start at multiples of the network's size divisor.
+* :class:`TiledPredictor`: predicts any-size images tile by tile, cropping the halo; exact for tile-local
+  networks when the halo covers the receptive field (:func:`forward_whole` is the reference).
+* :func:`receptive_field`: theoretical (analytic + numerical) and effective receptive field, tile coupling
+  by normalization, and the recommended halo.
+* :func:`predict_dask`: the same blocks as dask.distributed tasks writing to Zarr.
+* :func:`predict_file`: files in, files out (what ``tilenorm-bmz predict`` runs).
+"""
+
+from .blocks import AxisTiling, Block, Tiling, max_inner_size, min_tile_size
+from .distributed import local_client, predict_dask
+from .memory import auto_tile_shape, bytes_per_voxel, memory_budget
+from .pipeline import PredictionSummary, predict_file
+from .predictor import TiledPredictor, forward_whole, model_divisor, resolve_device
+from .receptive_field import (
+    RFReport,
+    analytic_receptive_field,
+    receptive_field,
+    recommend_halo,
+    round_halo,
+    tile_coupling_layers,
+)
+
+__all__ = [
+    "AxisTiling",
+    "Block",
+    "PredictionSummary",
+    "RFReport",
+    "TiledPredictor",
+    "Tiling",
+    "analytic_receptive_field",
+    "auto_tile_shape",
+    "bytes_per_voxel",
+    "forward_whole",
+    "local_client",
+    "max_inner_size",
+    "memory_budget",
+    "min_tile_size",
+    "model_divisor",
+    "predict_dask",
+    "predict_file",
+    "receptive_field",
+    "recommend_halo",
+    "resolve_device",
+    "round_halo",
+    "tile_coupling_layers",
+]
