@@ -190,7 +190,7 @@ def seam_figure(results: Mapping[str, TiledVsWholeResult]) -> bytes | None:
         f = r.figure
         assert f is not None
         im = _diff_image(axes[i, 0], f.seam_map)
-        axes[i, 0].set_title(f"{name}: seam map (max {r.max_abs_diff:.3g})", fontsize=9)
+        axes[i, 0].set_title(f"{name}\nseam map (max {r.max_abs_diff:.3g})", fontsize=9)
         fig.colorbar(im, ax=axes[i, 0], shrink=0.8)
         vmin, vmax = _prob_range(f.tiled, f.whole)
         axes[i, 1].imshow(f.tiled, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")

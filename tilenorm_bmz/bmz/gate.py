@@ -1,0 +1,718 @@
+"""The validation gate: does a model tile seamlessly, behave the same in train and eval mode, and pass the
+bioimage.io tests? :func:`validate_package` measures it and accepts or rejects with the evidence.
+
+Checks (each one a :class:`~tilenorm_bmz.report.Check` row with what was measured, the threshold and what to
+do; thresholds in :class:`~tilenorm_bmz.config.GateConfig`):
+
+``bioimage.io test``
+    ``bioimageio.core.test_model`` (format validation, reproduction of the test outputs with every weight
+    format, inference at several sizes), offline, full determinism. Not applicable to checkpoints.
+``tile mismatch``
+    Two overlapping tiles predicted on their own agree in their valid overlap (paper Fig. 3), ``max_dist``.
+``train/eval disparity``
+    ``1 - Dice(P_train, P_eval)`` per channel with the normalization layers in train mode (where a train mode
+    exists: state-dict weights, scripted TorchScript; not for traced modules or networks without running
+    statistics).
+``tiled vs whole`` and ``seams in <consumer>``
+    ``max |tiled - whole|`` as :class:`~tilenorm_bmz.tiling.TiledPredictor`, bioimageio.core's blocked
+    prediction and ilastik run the package (:mod:`~tilenorm_bmz.bmz.consumers`).
+``halo sufficiency``
+    The halo the package declares (checkpoints: the one the gate tiles with) covers the measured one-sided
+    receptive field; "normalization couples the tile" for InstanceNorm/GroupNorm networks.
+``tile-size sweep``, ``Dice against labels``
+    Segmentation vs tile size (paper Fig. 6), and Dice against labels when they are given (informational
+    unless ``max_sweep_range`` / ``min_dice`` are set).
+
+Data: raw images (the package's preprocessing is applied as it declares it, on the whole image); without
+data the package's own test input is used, with a warning (real, larger data finds more).
+
+Labels: an array of the image's spatial shape is an instance (or binary) label image: for a network with one
+output channel its foreground (``labels > 0``) is the target; for two or three output channels it becomes
+foreground/boundary[/background] targets (:func:`tilenorm_bmz.data.instances_to_targets`, the training
+targets). An array ``(C_out, *spatial)`` holds one semantic mask per output channel (``> 0``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from .._version import __version__
+from ..config import GateConfig
+from ..metrics import (
+    DisparityResult,
+    HaloSufficiencyResult,
+    SweepResult,
+    TileMismatchResult,
+    halo_sufficiency,
+    norm_layers,
+    tile_mismatch,
+    tile_size_sweep,
+    train_eval_disparity,
+)
+from ..report import (
+    Check,
+    DataInfo,
+    check_disparity,
+    check_halo,
+    check_sweep,
+    check_tile_mismatch,
+    check_tiled_vs_whole,
+    write_report,
+)
+from .consumers import (
+    CONSUMER_LABELS,
+    ConsumerSeams,
+    ceil_to,
+    emulate_bioimageio_core,
+    emulate_ilastik,
+    emulate_tiled_predictor,
+    per_tile_statistics,
+    tiled_predictor_region,
+    tiled_predictor_tile,
+)
+from .modeltest import PackageTestSummary, run_model_test
+from .subject import GateInputError, GateSubject, load_subject
+
+__all__ = ["GateImage", "GateInputError", "GateReport", "validate_package"]
+
+logger = logging.getLogger(__name__)
+
+ArrayOrPath = np.ndarray | str | os.PathLike[str]
+
+_FIXED_NORM_FIX = (
+    "export the package with fixed normalization, identical for every tile: `tilenorm-bmz package CHECKPOINT "
+    "--input-norm fixed` (for a package from elsewhere: `tilenorm-bmz convert PACKAGE -o model.pt` first)"
+)
+
+
+class GateImage(BaseModel):
+    """What the gate measured on one image (the report's figures show the worst image per metric)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    shape: tuple[int, ...]
+    """Raw image shape ``(C, *spatial)``."""
+    region: tuple[tuple[int, int], ...] | None = None
+    """``[start, stop)`` per spatial axis of the region the tile-size sweep ran on (the consumers record theirs)."""
+    max_dist: float | None = None
+    mismatch: list[float] | None = None
+    disparity: list[float] | None = None
+    seams: dict[str, float | None] = Field(default_factory=dict)
+    """``max |tiled - whole|`` per consumer."""
+    sweep_range: list[float] | None = None
+    dice: list[float] | None = None
+    """Dice against the labels per output channel (largest sweep tile)."""
+
+
+class GateReport(BaseModel):
+    """The gate's decision with every measurement it is based on."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    subject: str
+    """The validated source (path)."""
+    kind: Literal["package", "checkpoint"]
+    name: str
+    weights_format: str
+    accepted: bool
+    checks: list[Check]
+    warnings: list[str] = Field(default_factory=list)
+    data: list[DataInfo] = Field(default_factory=list)
+    images: list[GateImage] = Field(default_factory=list)
+    config: GateConfig
+    device: str
+    bioimageio_test: PackageTestSummary | None = None
+    tile_mismatch: TileMismatchResult | None = None
+    disparity: DisparityResult | None = None
+    consumers: list[ConsumerSeams] = Field(default_factory=list)
+    halo: HaloSufficiencyResult | None = None
+    sweep: SweepResult | None = None
+    receptive_field: Any = None
+    """The :class:`~tilenorm_bmz.tiling.RFReport` of the network."""
+    halo_used: tuple[int, ...] | None = None
+    """The halo the metrics tiled with (the package's declared halo; for checkpoints the measured one)."""
+    timings: dict[str, float] = Field(default_factory=dict)
+    """Seconds per step."""
+    report_json: Path | None = None
+    report_html: Path | None = None
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def failed_checks(self) -> list[str]:
+        return [c.name for c in self.checks if c.status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        """0 accepted, 1 rejected (the CLI maps inputs the gate cannot run on to 2)."""
+        return 0 if self.accepted else 1
+
+    def summary(self) -> str:
+        """One line: the decision and the failed checks."""
+        if self.accepted:
+            return f"accepted: {len(self.checks)} checks, none failed"
+        return f"rejected: {', '.join(self.failed_checks)} failed"
+
+    def figures(self) -> dict[str, Any]:
+        """The figures recorded in a package's ``config.tilenorm_bmz.gate`` (``--record``); JSON-ready."""
+        seams: dict[str, float | None] = {}
+        for c in self.consumers:
+            seams[c.consumer] = c.max_abs_diff if c.applicable else None
+        out: dict[str, Any] = {
+            "status": "accepted" if self.accepted else "rejected",
+            "tool": "tilenorm-bmz",
+            "tool_version": __version__,
+            "validated": self.created,
+            "weights": self.weights_format,
+            "device": self.device,
+            "data": [f"{d.name} {list(d.shape)}" for d in self.data if d.role == "image"],
+            "thresholds": {"max_dist": self.config.max_dist, "max_disparity": self.config.max_disparity,
+                           "max_seam": self.config.max_seam},
+            "checks": {c.name: c.status for c in self.checks},
+            "tile_mismatch": None if self.tile_mismatch is None else {
+                "max_dist": self.tile_mismatch.max_dist, "mismatch": self.tile_mismatch.mismatch,
+                "verdict": self.tile_mismatch.verdict},
+            "train_eval_disparity": None if self.disparity is None or not self.disparity.applicable else {
+                "disparity": self.disparity.disparity, "batch_composition": self.disparity.batch_composition},
+            "seams": seams,
+            "halo": None if self.halo is None else {
+                "declared": dict(zip(self.halo.axes, self.halo.declared_halo, strict=True)),
+                "receptive_field": self.halo.measured, "sufficient": self.halo.sufficient},
+        }
+        import json
+
+        return json.loads(json.dumps(out, default=str))
+
+
+# -- data -------------------------------------------------------------------------------------------------
+def _as_list(value: ArrayOrPath | Sequence[ArrayOrPath] | None) -> list[ArrayOrPath]:
+    if value is None:
+        return []
+    if isinstance(value, np.ndarray | str | os.PathLike):
+        return [value]
+    return list(value)
+
+
+def _read_image(item: ArrayOrPath, axes: str | None) -> tuple[str, np.ndarray]:
+    if isinstance(item, np.ndarray):
+        return f"array {tuple(item.shape)}", item
+    from ..data import open_image
+
+    path = Path(item)
+    if not path.exists():
+        raise GateInputError(f"data image {path} does not exist")
+    return str(path), np.asarray(open_image(path, axes=axes).read())
+
+
+def _channels_first(name: str, a: np.ndarray, subject: GateSubject) -> np.ndarray:
+    dims, c = subject.dims, subject.in_channels
+    if a.ndim == dims and c == 1:
+        a = a[None]
+    if a.ndim == dims + 2 and a.shape[0] == 1:  # a stored length-1 axis in front (e.g. a 2D image read as zyx)
+        a = a[0]
+    axes = ", ".join("ZYX"[3 - dims:])
+    if a.ndim != dims + 1:
+        raise GateInputError(
+            f"{name} has shape {a.shape}: the model is {dims}D and needs ({c}, {axes}) (channels first); give "
+            f"--axes when the file's axes are not recorded (e.g. --axes {'cyx' if dims == 2 else 'czyx'})"
+        )
+    if a.shape[0] != c:
+        raise GateInputError(
+            f"{name} has {a.shape[0]} channel(s) (shape {a.shape}, channels first) but the model expects {c} input "
+            f"channel(s)"
+        )
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise GateInputError(f"{name} has dtype {a.dtype}; expected real numbers")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _default_data(subject: GateSubject, warnings: list[str]) -> list[tuple[str, np.ndarray, str]]:
+    if subject.is_package:
+        if subject.test_input is None:
+            raise GateInputError(f"{subject.source.name} has no readable test input: give images with --data IMG")
+        note = "the package's own test input: validate on real, larger data (--data IMG) for a stronger check"
+        warnings.append(f"no data given: using {note}")
+        logger.warning(warnings[-1])
+        return [("package test input", subject.test_input, note)]
+    from .export import _sample_source
+
+    try:
+        source = _sample_source(None, subject.checkpoint_info)
+    except (ValueError, FileNotFoundError) as e:
+        raise GateInputError(f"no data to validate on: give images with --data IMG ({e})") from e
+    note = "the checkpoint's validation data"
+    warnings.append(f"no data given: using {note}")
+    logger.warning(warnings[-1])
+    if isinstance(source, np.ndarray):
+        return [(note, source, note)]
+    name, arr = _read_image(source, None)
+    return [(name, arr, note)]
+
+
+def _targets(item: ArrayOrPath, spatial: tuple[int, ...], n_out: int, dims: int) -> tuple[str, np.ndarray]:
+    """Labels -> boolean targets ``(C_out, *spatial)`` by the rule in the module docstring."""
+    from ..data import instances_to_targets
+
+    name, a = _read_image(item, None) if not isinstance(item, np.ndarray) else (f"labels {item.shape}", item)
+    a = np.asarray(a)
+    while a.ndim > dims + 1 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == dims + 1 and a.shape[0] == 1 and n_out != 1:
+        a = a[0]
+    if a.shape[-dims:] != spatial:
+        raise GateInputError(f"{name} has spatial shape {a.shape[-dims:]} but its image has {spatial}")
+    if a.ndim == dims + 1:
+        if a.shape[0] != n_out:
+            raise GateInputError(
+                f"{name} holds {a.shape[0]} semantic mask(s) but the network predicts {n_out} channel(s): give one "
+                "mask per output channel, or an instance label image"
+            )
+        return name, a > 0
+    if a.ndim != dims:
+        raise GateInputError(f"{name} has shape {a.shape}; labels are {dims}D instance labels or (C, *spatial) masks")
+    if n_out == 1:
+        return name, (a > 0)[None]
+    if n_out not in (2, 3):
+        raise GateInputError(
+            f"the network predicts {n_out} channels: instance labels become foreground/boundary[/background] "
+            f"targets (2 or 3 channels); give {n_out} semantic masks (C, *spatial) instead"
+        )
+    if not np.issubdtype(a.dtype, np.integer) and not np.all(a == np.round(a)):
+        raise GateInputError(f"{name} is not an integer label image")
+    return name, instances_to_targets(a.astype(np.int64), background=n_out == 3).astype(bool)
+
+
+# -- the gate ---------------------------------------------------------------------------------------------
+class _Timer:
+    """Calls a step and adds its wall time to ``seconds[name]``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        logger.info("gate: %s", name)
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _worst(items: Sequence[Any], key: Callable[[Any], float | None]) -> Any:
+    scored = [(key(x), i) for i, x in enumerate(items) if x is not None and key(x) is not None]
+    if not scored:
+        return next((x for x in items if x is not None), None)
+    return items[max(scored)[1]]
+
+
+def _with(check: Check, **update: Any) -> Check:
+    return Check.model_validate({**check.model_dump(exclude={"status"}), **update})
+
+
+def _bioimageio_check(test: PackageTestSummary | None, subject: GateSubject, config: GateConfig) -> Check | None:
+    if not subject.is_package:
+        return Check(name="bioimage.io test", measured=None, passed=None,
+                     advice="not applicable: a checkpoint; `tilenorm-bmz package` tests the package it writes")
+    if test is None:
+        return None
+    failed = test.failed_checks
+    advice = "" if test.passed else "; ".join(
+        f"{c.name}: {c.errors[0] if c.errors else 'failed'}" for c in failed[:3]) + (" ..." if len(failed) > 3 else "")
+    return Check(
+        name="bioimage.io test", measured=test.status, threshold="passed", passed=test.passed,
+        advice=advice[:2000], details=f"{len(test.checks)} checks, format {test.format_version}",
+        informational=not config.require_bioimageio_test,
+    )
+
+
+def _consumer_check(c: ConsumerSeams, config: GateConfig, ours: ConsumerSeams | None, subject: GateSubject,
+                    warnings: list[str]) -> Check:
+    name = "tiled vs whole (tilenorm-bmz)" if c.consumer == "tilenorm-bmz" else f"seams in {c.consumer}"
+    gating = c.consumer in config.gating_consumers
+    if not c.applicable or c.result is None:
+        return Check(name=name, measured=None, threshold=f"<= {config.max_seam:g}", passed=None, advice=c.reason)
+    check = check_tiled_vs_whole(c.result, config.max_seam, name=name)
+    details = f"{c.description}; {check.details}"
+    advice = check.advice
+    ours_ok = ours is not None and ours.applicable and (ours.max_abs_diff or 0.0) <= config.max_seam
+    if check.passed is False and c.consumer != "tilenorm-bmz" and ours_ok:
+        cause = ""
+        if c.consumer == "ilastik":
+            stats = per_tile_statistics(subject)
+            if stats:
+                cause = (f"ilastik applies the package's preprocessing to every tile, so the {', '.join(stats)} "
+                         f"statistics differ between tiles: {_FIXED_NORM_FIX}")
+            else:
+                cause = ("ilastik extends border tiles to its tile shape around the block, which can shift them "
+                         "off the network's pooling grid; a package whose min and 2 * halo are multiples of the "
+                         "step keeps interior tiles exact")
+        else:
+            cause = "check the package's halo, its padding mode and its preprocessing"
+        advice = (f"seamless in tilenorm-bmz's TiledPredictor but not in {c.consumer} (up to "
+                  f"{c.result.max_abs_diff:.3g}): {cause}")
+        warnings.append(advice)
+    return _with(check, details=details, advice=advice, informational=not gating)
+
+
+def _dice_check(images: Sequence[GateImage], config: GateConfig) -> Check | None:
+    scores = [im.dice for im in images if im.dice is not None]
+    if not scores:
+        return None
+    worst = np.min(np.array(scores), axis=0).tolist()
+    passed = None if config.min_dice is None else min(worst) >= config.min_dice
+    advice = ""
+    if passed is False:
+        advice = (f"the segmentation reaches Dice {min(worst):.3g} against the labels (threshold "
+                  f"{config.min_dice:g}): train longer, on more data, or check the labels and the normalization")
+    return Check(
+        name="Dice against labels", measured=worst,
+        threshold=None if config.min_dice is None else f">= {config.min_dice:g} per channel",
+        passed=passed, advice=advice, informational=config.min_dice is None,
+        details=f"per output channel, largest sweep tile; worst over {len(scores)} image(s)",
+    )
+
+
+def _invalid_package_report(subject: GateSubject, config: GateConfig, out_dir: Path | None,
+                            device: str, timer: _Timer, name: str | None) -> GateReport:
+    test = timer("bioimage.io test", run_model_test, subject.source) if "bioimageio" in config.checks \
+        else None
+    checks = [Check(name="bioimage.io format", measured="invalid", threshold="valid", passed=False,
+                    advice=f"the package's description is invalid: {subject.format_error}"[:2000])]
+    bio = _bioimageio_check(test, subject, config)
+    if bio is not None:
+        checks.append(bio)
+    report = GateReport(subject=name or str(subject.source), kind="package", name=subject.name, weights_format="none",
+                        accepted=False, checks=checks, config=config, device=device, bioimageio_test=test,
+                        timings=timer.seconds)
+    return _write(report, out_dir)
+
+
+@dataclass(eq=False)
+class _ImageMeasurement:
+    record: GateImage
+    mismatch: TileMismatchResult | None = None
+    disparity: DisparityResult | None = None
+    consumers: list[ConsumerSeams] = field(default_factory=list)
+    sweep: SweepResult | None = None
+    not_run: dict[str, str] = field(default_factory=dict)
+
+
+def _sweep_sizes(region: Sequence[int], halo: Sequence[int], divisor: Sequence[int]) -> list[tuple[int, ...]]:
+    """Default sweep: tiles giving 1 to 4 (2D) / 1 to 2 (3D) tiles per axis of the region, and the seam test's."""
+    ks = (1, 2, 3, 4) if len(region) == 2 else (1, 2)
+    out = {tuple(ceil_to(-(-r // k) + 2 * h, d) for r, h, d in zip(region, halo, divisor, strict=True)) for k in ks}
+    out.add(tiled_predictor_tile(halo, divisor))
+    return sorted(out)
+
+
+def _whole_tile(spatial: Sequence[int], divisor: Sequence[int]) -> tuple[int, ...]:
+    return tuple(max(d, s // d * d) for s, d in zip(spatial, divisor, strict=True))
+
+
+def _measure_image(
+    subject: GateSubject, cfg: GateConfig, name: str, raw: np.ndarray, target: tuple[str, np.ndarray] | None,
+    halo: tuple[int, ...], timer: _Timer, warnings: list[str], progress: bool,
+) -> _ImageMeasurement:
+    """Every per-image metric of the gate on one raw image ``(C, *spatial)``."""
+    from ..tiling import resolve_device
+
+    on, net, dev = set(cfg.checks), subject.network, resolve_device(cfg.device)
+    out = _ImageMeasurement(record=GateImage(name=name, shape=tuple(raw.shape)))
+    rec = out.record
+    image = timer("preprocessing", subject.preprocess, raw)
+    if "tile_mismatch" in on:
+        try:
+            out.mismatch = timer(
+                "tile mismatch", tile_mismatch, net, image, halo=halo, crop_shape=cfg.crop_shape, stride=cfg.stride,
+                tile=cfg.tile, offset=cfg.offset, device=dev, batch_size=cfg.batch_size, threshold=cfg.threshold,
+                divisor=subject.divisor, max_crops=cfg.max_crops, progress=progress)
+            rec.max_dist, rec.mismatch = out.mismatch.max_dist, out.mismatch.mismatch
+        except ValueError as e:
+            out.not_run["tile mismatch"] = f"{name}: {e}"
+            logger.warning("tile mismatch not measured on %s: %s", name, e)
+    if "disparity" in on:
+        edge = cfg.disparity_tile or (192 if subject.dims == 2 else 64)
+        # tiles as large as the image are all the same tile: measure it once
+        n_tiles = 1 if all(edge >= s for s in raw.shape[1:]) else cfg.disparity_tiles
+        out.disparity = timer(
+            "train/eval disparity", train_eval_disparity, net, image, batch_size=cfg.disparity_batch_size,
+            n_tiles=n_tiles, tile_shape=_whole_tile(raw.shape[1:], subject.divisor) if n_tiles == 1 else edge,
+            threshold=cfg.threshold, device=dev, divisor=subject.divisor, progress=progress)
+        rec.disparity = out.disparity.disparity
+
+    spatial = tuple(raw.shape[1:])
+    if "tiled_vs_whole" in on:
+        out.consumers.append(timer("tiled vs whole", emulate_tiled_predictor, subject, raw, halo=halo,
+                                   batch_size=cfg.batch_size, device=str(dev), max_voxels=cfg.region_voxels))
+    if "consumers" in on:
+        out.consumers.append(timer("seams in bioimageio.core", emulate_bioimageio_core, subject, raw,
+                                   blocksize=cfg.core_blocksize, device=str(dev), max_voxels=cfg.region_voxels))
+        out.consumers.append(timer("seams in ilastik", emulate_ilastik, subject, raw, device=str(dev),
+                                   max_voxels=cfg.region_voxels, progress=progress))
+    for r in out.consumers:
+        rec.seams[r.consumer] = r.max_abs_diff
+        if not r.applicable and subject.is_package:
+            warnings.append(f"{r.consumer} not emulated on {name}: {r.reason}")
+
+    # tile-size sweep (and Dice against the labels at its largest tile) on the central region
+    if "sweep" in on or (target is not None and "dice" in on):
+        sizes_r = tiled_predictor_region(spatial, halo, subject.divisor, cfg.region_voxels)
+        region = tuple(slice((s - r) // 2, (s - r) // 2 + r) for s, r in zip(spatial, sizes_r, strict=True))
+        rec.region = tuple((sl.start, sl.stop) for sl in region)
+        raw_r = np.ascontiguousarray(raw[(slice(None), *region)])
+        target_r = None if target is None else target[1][(slice(None), *region)]
+        sizes: list[Any] = list(cfg.sweep_sizes or _sweep_sizes(sizes_r, halo, subject.divisor))
+        if "sweep" not in on:
+            sizes = [tuple(sizes_r)]
+        try:
+            sweep = timer("tile-size sweep", tile_size_sweep, net, subject.preprocess(raw_r), target_r, halo=halo,
+                          tile_sizes=sizes, threshold=cfg.threshold, batch_size=cfg.batch_size, device=dev,
+                          divisor=subject.divisor, progress=progress)
+        except ValueError as e:
+            out.not_run["tile-size sweep"] = f"{name}: {e}"
+            logger.warning("tile-size sweep not run on %s: %s", name, e)
+        else:
+            if "sweep" in on:
+                out.sweep, rec.sweep_range = sweep, sweep.score_range
+            if target is not None:
+                rec.dice = sweep.points[-1].dice_to_labels
+    return out
+
+
+def validate_package(
+    model_source: str | os.PathLike[str],
+    data: ArrayOrPath | Sequence[ArrayOrPath] | None = None,
+    labels: ArrayOrPath | Sequence[ArrayOrPath] | None = None,
+    *,
+    config: GateConfig | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    data_axes: str | None = None,
+    name: str | None = None,
+    progress: bool = False,
+) -> GateReport:
+    """Validate a bioimage.io package (or a tilenorm-bmz checkpoint) and accept or reject it.
+
+    Parameters
+    ----------
+    model_source
+        A package (zip, folder or rdf.yaml; format 0.4 or 0.5; ``pytorch_state_dict`` or ``torchscript``
+        weights) or a tilenorm-bmz checkpoint. Never modified.
+    data
+        Raw images (paths: TIFF, Zarr, .npy; or arrays ``(C, *spatial)``); default: the package's own test
+        input (checkpoints: their recorded validation data), with a warning.
+    labels
+        One label image per image (see the module docstring for the rule), for Dice and the sweep.
+    config
+        Thresholds and settings (:class:`~tilenorm_bmz.config.GateConfig`; default: the project's rule).
+    out_dir
+        Write ``report.json`` and a self-contained ``report.html`` here (None: no files).
+    data_axes
+        Axes of the data files when they do not record them (e.g. ``cyx``).
+    name
+        How the report names the model (default: the source path).
+    progress
+        Show progress bars (rich) for the long steps.
+
+    Returns
+    -------
+    GateReport
+        ``accepted``, every check (measured, threshold, what to do), the metric results, the report paths.
+
+    Raises
+    ------
+    GateInputError
+        The gate cannot run: missing or corrupt input, a package without PyTorch weights, unsupported axes, data
+        with the wrong channel count or dimensionality, labels that do not fit. (Exit code 2 in the CLI.)
+    """
+    cfg = config or GateConfig()
+    from ..tiling import receptive_field, resolve_device
+
+    dev = resolve_device(cfg.device)
+    device = str(dev)
+    timer = _Timer()
+    out = Path(out_dir) if out_dir is not None else None
+    subject: GateSubject = timer("load", load_subject, model_source, cfg)
+    if subject.format_error is not None:
+        return _invalid_package_report(subject, cfg, out, device, timer, name)
+    warnings = list(subject.notes)
+    items = [(*_read_image(d, data_axes), "") for d in _as_list(data)] or _default_data(subject, warnings)
+    images = [(label, _channels_first(label, arr, subject), note) for label, arr, note in items]
+    label_items = _as_list(labels)
+    if label_items and len(label_items) != len(images):
+        raise GateInputError(f"{len(label_items)} label image(s) for {len(images)} image(s): give one per image, "
+                             "in the same order")
+    targets: list[tuple[str, np.ndarray] | None] = [None] * len(images)
+    if label_items:
+        n_out = _out_channels(subject)
+        targets = [_targets(lab, im.shape[1:], n_out, subject.dims)
+                   for lab, (_, im, _) in zip(label_items, images, strict=True)]
+    data_info = [DataInfo.from_array(label, im, note=note) for label, im, note in images]
+    data_info += [DataInfo.from_array(t[0], t[1], role="labels (targets)") for t in targets if t is not None]
+    net, checks_on = subject.network, set(cfg.checks)
+
+    # the package's own test --------------------------------------------------------------------------------
+    test = None
+    if subject.is_package and "bioimageio" in checks_on:
+        test = timer("bioimage.io test", run_model_test, subject.source)
+
+    # receptive field and halo ---------------------------------------------------------------------------------
+    rf = timer("receptive field", receptive_field, net, subject.dims, divisor=subject.divisor,
+               in_channels=subject.in_channels, device=dev, n_samples=2)
+    if subject.declared_halo is not None:
+        halo = tuple(subject.declared_halo)
+    elif cfg.halo is not None:
+        halo = (cfg.halo,) * subject.dims if isinstance(cfg.halo, int) else tuple(cfg.halo)
+        if len(halo) != subject.dims:
+            raise GateInputError(f"halo {cfg.halo} has {len(halo)} values for a {subject.dims}D model")
+    else:
+        halo = tuple(int(h) for h in rf.recommended_halo)
+    halo_result = halo_sufficiency(halo, rf) if "halo" in checks_on else None
+
+    # per image ----------------------------------------------------------------------------------------------
+    measured = [
+        _measure_image(subject, cfg, label, raw, target, halo, timer, warnings, progress)
+        for (label, raw, _), target in zip(images, targets, strict=True)
+    ]
+    per_image = [m.record for m in measured]
+    mismatches = [m.mismatch for m in measured]
+    disparities = [m.disparity for m in measured]
+    sweeps = [m.sweep for m in measured]
+    consumer_runs: dict[str, list[ConsumerSeams]] = {}
+    not_run: dict[str, str] = {}
+    for m in measured:
+        not_run.update(m.not_run)
+        for r in m.consumers:
+            consumer_runs.setdefault(r.consumer, []).append(r)
+    has_train_mode = bool(norm_layers(net)[0])
+
+    # decide -------------------------------------------------------------------------------------------------
+    checks: list[Check] = []
+    bio = _bioimageio_check(test, subject, cfg)
+    if bio is not None:
+        checks.append(bio)
+    multi = len(images) > 1
+
+    def where(index: int, check: Check) -> Check:
+        return _with(check, details=f"{check.details} (worst image: {images[index][0]})") if multi else check
+
+    mm_worst = _worst(mismatches, lambda r: r.max_dist)
+    if "tile_mismatch" in checks_on:
+        if mm_worst is not None:
+            checks.append(where(mismatches.index(mm_worst), check_tile_mismatch(mm_worst, cfg.max_dist)))
+        else:
+            checks.append(Check(name="tile mismatch", measured=None, threshold=f"max_dist <= {cfg.max_dist:g}",
+                                passed=None, advice=not_run.get("tile mismatch", "")))
+    disp_worst = _worst(disparities, lambda r: r.max_disparity)
+    if disp_worst is not None:
+        check = check_disparity(disp_worst, cfg.max_disparity)
+        if not disp_worst.applicable and not has_train_mode:
+            check = _with(check, advice=f"not applicable: {disp_worst.reason}")
+        checks.append(where(disparities.index(disp_worst), check))
+    ours_all = consumer_runs.get("tilenorm-bmz", [])
+    ours = _worst(ours_all, lambda r: r.max_abs_diff)
+    for consumer in ("tilenorm-bmz", "bioimageio.core", "ilastik"):
+        runs = consumer_runs.get(consumer)
+        if runs:
+            worst = _worst(runs, lambda r: r.max_abs_diff)
+            checks.append(where(runs.index(worst), _consumer_check(worst, cfg, ours, subject, warnings)))
+    if halo_result is not None:
+        check = check_halo(halo_result)
+        checks.append(check if cfg.require_sufficient_halo else _with(check, informational=True))
+    sw_worst = _worst(sweeps, lambda r: max(r.score_range) if r.score_range else None)
+    if sw_worst is not None:
+        checks.append(where(sweeps.index(sw_worst), check_sweep(sw_worst, cfg.max_sweep_range)))
+    elif "sweep" in checks_on and "tile-size sweep" in not_run:
+        checks.append(Check(name="tile-size sweep", measured=None, passed=None, advice=not_run["tile-size sweep"],
+                            informational=True))
+    if "dice" in checks_on:
+        dice_check = _dice_check(per_image, cfg)
+        if dice_check is not None:
+            checks.append(dice_check)
+
+    accepted = not any(c.status == "failed" for c in checks)
+    consumers = [_worst(runs, lambda r: r.max_abs_diff) for runs in consumer_runs.values()]
+    report = GateReport(
+        subject=name or str(subject.source), kind=subject.kind, name=subject.name,
+        weights_format=subject.weights_format,
+        accepted=accepted, checks=checks, warnings=warnings, data=data_info, images=per_image, config=cfg,
+        device=device, bioimageio_test=test, tile_mismatch=mm_worst, disparity=disp_worst, consumers=consumers,
+        halo=halo_result, sweep=sw_worst, receptive_field=rf, halo_used=halo, timings=timer.seconds,
+    )
+    logger.info("%s: %s", subject.source, report.summary())
+    return _write(report, out)
+
+
+def _out_channels(subject: GateSubject) -> int:
+    """The network's output channel count (its ``out_channels``, else one forward pass of a small input)."""
+    import torch
+
+    value = getattr(subject.network, "out_channels", None)
+    if isinstance(value, int):
+        return value
+    sizes = subject.size_min or subject.divisor
+    probe = torch.zeros((1, subject.in_channels, *(max(d, s) for d, s in zip(subject.divisor, sizes, strict=True))))
+    with torch.no_grad():
+        return int(subject.network.cpu()(probe).shape[1])
+
+
+def _write(report: GateReport, out: Path | None) -> GateReport:
+    if out is None:
+        return report
+    seams = {CONSUMER_LABELS[c.consumer]: c.result for c in report.consumers if c.result is not None}
+    extra: dict[str, Any] = {
+        "gate": {
+            "kind": report.kind, "name": report.name, "weights": report.weights_format,
+            "halo_used": report.halo_used, "warnings": report.warnings, "timings_s": report.timings,
+            "images": [im.model_dump(mode="json") for im in report.images],
+            "consumers": [c.model_dump(mode="json", exclude={"result"}) for c in report.consumers],
+            "config": report.config.model_dump(mode="json"),
+        }
+    }
+    if report.bioimageio_test is not None:
+        extra["bioimageio_test"] = report.bioimageio_test.model_dump(mode="json", exclude={"markdown"})
+    paths = write_report(
+        out, checks=report.checks, accepted=report.accepted, title="tilenorm-bmz validation gate",
+        subject=f"{report.subject} ({report.kind}, {report.weights_format} weights)", data=report.data,
+        tile_mismatch=report.tile_mismatch, disparity=report.disparity, seams=seams, halo=report.halo,
+        sweep=report.sweep, receptive_field=report.receptive_field, extra=extra, device=report.device,
+    )
+    report.report_json, report.report_html = paths.json, paths.html
+    return report
+
+
+
+def gate_hook(
+    config: GateConfig | None = None,
+    data: ArrayOrPath | Sequence[ArrayOrPath] | None = None,
+    labels: ArrayOrPath | Sequence[ArrayOrPath] | None = None,
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    name: str | None = None,
+    repeat_bioimageio_test: bool = False,
+    progress: bool = False,
+) -> Callable[[Path], GateReport]:
+    """A gate for ``export_package(gate=...)``: validates the tested candidate before it gets its final name.
+
+    The export has just run the bioimage.io test on the candidate, so the gate does not repeat it unless
+    ``repeat_bioimageio_test``. ``data``/``labels`` as in :func:`validate_package` (``None``: the package's own
+    test input, with a warning that real data is better).
+    """
+    cfg = config or GateConfig()
+    if not repeat_bioimageio_test:
+        cfg = cfg.model_copy(update={"checks": [c for c in cfg.checks if c != "bioimageio"]})
+
+    def gate(candidate: Path) -> GateReport:
+        return validate_package(candidate, data, labels, config=cfg, out_dir=out_dir, name=name, progress=progress)
+
+    return gate

@@ -1,0 +1,459 @@
+"""What the validation gate validates: a bioimage.io package or a tilenorm-bmz checkpoint, made uniform.
+
+:func:`load_subject` turns a model source into a :class:`GateSubject`: the network as a channel-first
+``nn.Module`` (``(B, C, *spatial)`` with spatial axes in z, y, x order, whatever order the package
+declares), the package's declared geometry (size ``min``/``step``, output halo), its preprocessing as a
+function on raw ``(C, *spatial)`` arrays, and its own test input. The source is only read: zips are opened
+read-only by bioimageio.spec.
+
+Weights: ``pytorch_state_dict`` is rebuilt with :func:`~tilenorm_bmz.bmz.read_package_model` (train mode
+exists, so train/eval disparity is measured); ``torchscript`` is loaded with ``torch.jit.load`` (a scripted
+module keeps its train/eval semantics; a traced one is reported as not applicable by the disparity metric).
+Packages with neither are outside the gate (``GateInputError(not_applicable=True)``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import GateConfig
+
+__all__ = ["GateInputError", "GateSubject", "PackageAxes", "load_subject", "reorder", "reorder_back"]
+
+logger = logging.getLogger(__name__)
+
+_SPATIAL = ("z", "y", "x")
+
+
+class GateInputError(ValueError):
+    """The gate cannot run on this input (exit code 2); the message says why and what to change.
+
+    ``not_applicable`` marks inputs of a kind the gate does not handle (not a model, no PyTorch weights), as
+    opposed to broken inputs (a corrupt zip, data with the wrong channel count).
+    """
+
+    def __init__(self, message: str, *, not_applicable: bool = False) -> None:
+        super().__init__(message)
+        self.not_applicable = not_applicable
+
+
+@dataclass(frozen=True)
+class PackageAxes:
+    """Axis bookkeeping between the gate's canonical ``(B, C, *spatial)`` and a package's declared order."""
+
+    input: tuple[str, ...]
+    """The package's input axis ids in declared order (``batch``, ``channel``, space ids)."""
+    output: tuple[str, ...]
+    spatial: tuple[str, ...]
+    """Spatial axis ids in canonical (z, y, x) order."""
+
+    @property
+    def canonical(self) -> tuple[str, ...]:
+        return ("batch", "channel", *self.spatial)
+
+    def to_package(self, x: np.ndarray) -> np.ndarray:
+        """Canonical ``(B, C, *spatial)`` -> the package's input order (dropping absent batch/channel axes)."""
+        return reorder(x, self.canonical, self.input)
+
+    def from_package(self, y: np.ndarray) -> np.ndarray:
+        """The package's output order -> canonical ``(B, C, *spatial)``."""
+        return reorder_back(y, self.output, self.canonical)
+
+    @property
+    def is_canonical(self) -> bool:
+        return self.input == self.canonical and self.output == self.canonical
+
+
+def reorder(x: Any, src: Sequence[str], dst: Sequence[str]) -> Any:
+    """Permute an array or tensor with axes ``src`` to ``dst``; axes missing in ``dst`` must have length 1."""
+    for i, a in enumerate(src):
+        if a not in dst:
+            if x.shape[i] != 1:
+                raise GateInputError(f"the package has no {a!r} axis, but the data has {x.shape[i]} along it")
+    keep = [i for i, a in enumerate(src) if a in dst]
+    squeeze = tuple(i for i, a in enumerate(src) if a not in dst)
+    y = x.squeeze(squeeze) if squeeze else x
+    kept = [src[i] for i in keep]
+    return y.permute(*[kept.index(a) for a in dst]) if isinstance(y, torch.Tensor) else np.transpose(
+        y, [kept.index(a) for a in dst])
+
+
+def reorder_back(y: Any, src: Sequence[str], dst: Sequence[str]) -> Any:
+    """Permute an array or tensor with axes ``src`` to ``dst``, adding length-1 axes missing in ``src``."""
+    for a in dst:
+        if a not in src:
+            y = y.unsqueeze(-1) if isinstance(y, torch.Tensor) else y[..., None]
+            src = (*src, a)
+    order = [list(src).index(a) for a in dst]
+    return y.permute(*order) if isinstance(y, torch.Tensor) else np.transpose(y, order)
+
+
+class _AxisAdapter(nn.Module):
+    """Run a network that declares another axis order as a canonical ``(B, C, *spatial)`` network."""
+
+    def __init__(self, network: nn.Module, axes: PackageAxes) -> None:
+        super().__init__()
+        self.network = network
+        self._axes = axes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "batch" not in self._axes.input:  # one sample at a time
+            return torch.cat([self.forward_one(x[i : i + 1]) for i in range(x.shape[0])])
+        return self.forward_one(x)
+
+    def forward_one(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.network(reorder(x, self._axes.canonical, self._axes.input))
+        return reorder_back(y, self._axes.output, self._axes.canonical)
+
+
+class _Sigmoid(nn.Module):
+    """The network followed by the package's ``sigmoid`` postprocessing."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.network(x))
+
+
+@dataclass(eq=False)
+class GateSubject:
+    """A model the gate can measure, whatever it was loaded from."""
+
+    source: Path
+    kind: Literal["package", "checkpoint"]
+    name: str
+    dims: int
+    in_channels: int
+    network: nn.Module
+    """Canonical ``(B, C, *spatial)`` network in eval mode, with the package's sigmoid postprocessing."""
+    weights_format: str
+    """``pytorch_state_dict``, ``torchscript`` or ``checkpoint``."""
+    divisor: tuple[int, ...]
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    """Raw ``(C, *spatial)`` -> the network input, as the package (or checkpoint) declares it, on the whole array."""
+    axes: tuple[str, ...] = ()
+    """Spatial axis ids (z, y, x order)."""
+    declared_halo: tuple[int, ...] | None = None
+    """The package's output halo per spatial axis (None for checkpoints)."""
+    size_min: tuple[int, ...] | None = None
+    size_step: tuple[int, ...] | None = None
+    descr: Any = None
+    """The bioimage.io model description (format ``latest``) of a package."""
+    package_axes: PackageAxes | None = None
+    weight_formats: tuple[str, ...] = ()
+    format_error: str | None = None
+    """Why the package's description is invalid (then nothing but the bioimage.io test can run)."""
+    test_input: np.ndarray | None = None
+    """The package's own test input, raw ``(C, *spatial)``."""
+    normalization: dict[str, Any] | None = None
+    """The checkpoint's recorded input normalization (``InputNormalization`` fields)."""
+    checkpoint_info: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_package(self) -> bool:
+        return self.kind == "package"
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+def _checkpoint_subject(path: Path) -> GateSubject:
+    from ..checkpoint import load_checkpoint
+    from ..config import InputNormalization
+    from ..conversion import model_dims
+    from ..tiling import model_divisor
+
+    model, info = load_checkpoint(path)
+    dims = model_dims(model)
+    recorded = info.extra.get("input_normalization")
+    notes: list[str] = []
+    if recorded:
+        settings = InputNormalization.model_validate(recorded)
+    else:
+        settings = InputNormalization()
+        notes.append("the checkpoint records no input normalization: global quantiles 0.01/0.98 are used")
+        logger.warning(notes[-1])
+
+    def preprocess(raw: np.ndarray) -> np.ndarray:
+        return settings.fit(raw).apply(raw)
+
+    return GateSubject(
+        source=path, kind="checkpoint", name=path.name, dims=dims, in_channels=_in_channels(model),
+        network=model.eval(), weights_format="checkpoint", divisor=model_divisor(model, dims),
+        preprocess=preprocess, axes=_SPATIAL[3 - dims:], normalization=settings.model_dump(mode="json"),
+        checkpoint_info=info, notes=notes,
+    )
+
+
+def _in_channels(model: nn.Module) -> int:
+    value = getattr(model, "in_channels", None)
+    if isinstance(value, int):
+        return value
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return int(m.in_channels)
+    raise GateInputError(f"cannot tell the input channel count of {type(model).__name__}")
+
+
+# -- packages --------------------------------------------------------------------------------------------
+def _load_descr(source: Path) -> tuple[Any, str | None]:
+    """(model description, None) or (None, why the description is invalid)."""
+    from bioimageio.spec import InvalidDescr, load_description
+    from bioimageio.spec.model import v0_4, v0_5
+
+    try:
+        descr = load_description(source, perform_io_checks=False, format_version="latest")
+    except Exception as e:  # unreadable rdf or archive
+        raise GateInputError(f"{source} is not a readable bioimage.io package: {e}") from e
+    if isinstance(descr, InvalidDescr):
+        errors = "; ".join(
+            f"{'.'.join(map(str, e.loc))}: {e.msg}" for d in descr.validation_summary.details for e in d.errors
+        )
+        return None, errors or "invalid description"
+    if not isinstance(descr, v0_4.ModelDescr | v0_5.ModelDescr):
+        raise GateInputError(f"{source} describes a {descr.type!r}, not a model: the gate validates models",
+                             not_applicable=True)
+    return descr, None
+
+
+def _axis_type(axis: Any) -> str:
+    return str(getattr(axis, "type", ""))
+
+
+def _package_axes(descr: Any) -> PackageAxes:
+    if len(descr.inputs) != 1 or len(descr.outputs) != 1:
+        raise GateInputError(
+            f"the package has {len(descr.inputs)} input(s) and {len(descr.outputs)} output(s); the gate (like "
+            "ilastik and deepImageJ) handles one input and one output", not_applicable=True,
+        )
+
+    def ids(tensor: Any, what: str) -> tuple[str, ...]:
+        out = []
+        for a in tensor.axes:
+            kind = _axis_type(a)
+            if kind in ("batch", "channel"):
+                out.append(kind)
+            elif kind == "space" and str(a.id) in _SPATIAL:
+                out.append(str(a.id))
+            else:
+                raise GateInputError(
+                    f"the package's {what} has a {kind} axis {str(a.id)!r}; the gate handles batch, channel and "
+                    "z/y/x space axes", not_applicable=True,
+                )
+        return tuple(out)
+
+    inp, outp = ids(descr.inputs[0], "input"), ids(descr.outputs[0], "output")
+    spatial = tuple(a for a in _SPATIAL if a in inp)
+    if len(spatial) not in (2, 3) or tuple(a for a in _SPATIAL if a in outp) != spatial:
+        raise GateInputError(
+            f"input axes {inp} / output axes {outp}: the gate needs 2 or 3 spatial axes, the same on input and "
+            "output", not_applicable=True,
+        )
+    return PackageAxes(input=inp, output=outp, spatial=spatial)
+
+
+def _geometry(descr: Any, axes: PackageAxes) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(min, step, halo) per spatial axis in canonical order."""
+    from bioimageio.spec.model.v0_5 import ParameterizedSize, SizeReference
+
+    sizes: dict[str, tuple[int, int]] = {}
+    for a in descr.inputs[0].axes:
+        if _axis_type(a) != "space":
+            continue
+        if isinstance(a.size, ParameterizedSize):
+            sizes[str(a.id)] = (int(a.size.min), int(a.size.step))
+        else:
+            raise GateInputError(
+                f"input axis {str(a.id)!r} has the fixed size {a.size}: the gate tiles images, which needs a "
+                "parameterized size (min + n * step)", not_applicable=True,
+            )
+    halos: dict[str, int] = {}
+    for a in descr.outputs[0].axes:
+        if _axis_type(a) != "space":
+            continue
+        size = getattr(a, "size", None)
+        if not isinstance(size, SizeReference) or size.offset != 0 or float(getattr(a, "scale", 1.0)) != 1.0:
+            raise GateInputError(
+                f"output axis {str(a.id)!r} is not the input's size (size {size}): the gate handles networks whose "
+                "output has the spatial size of the input", not_applicable=True,
+            )
+        halos[str(a.id)] = int(getattr(a, "halo", 0) or 0)
+    return (
+        tuple(sizes[a][0] for a in axes.spatial),
+        tuple(sizes[a][1] for a in axes.spatial),
+        tuple(halos.get(a, 0) for a in axes.spatial),
+    )
+
+
+def _channels(tensor: Any) -> int:
+    for a in tensor.axes:
+        if _axis_type(a) == "channel":
+            return len(a.channel_names)
+    return 1
+
+
+def _present_formats(descr: Any) -> list[str]:
+    w = descr.weights
+    names = ("pytorch_state_dict", "torchscript", "onnx", "tensorflow_saved_model_bundle", "keras_hdf5",
+             "keras_v3", "tensorflow_js")
+    return [n for n in names if getattr(w, n, None) is not None]
+
+
+def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[str]) -> tuple[nn.Module, str]:
+    from .package_io import read_package_model
+
+    present = _present_formats(descr)
+    usable = [f for f in ("pytorch_state_dict", "torchscript") if f in present]
+    if not usable:
+        raise GateInputError(
+            f"{source.name} has no PyTorch weights (it has: {', '.join(present) or 'none'}); the gate runs "
+            "pytorch_state_dict or torchscript weights. Add them (e.g. `bioimageio add-weights`) or validate "
+            "the model's PyTorch checkpoint", not_applicable=True,
+        )
+    if config.weights != "auto":
+        if config.weights not in usable:
+            raise GateInputError(f"{source.name} has no {config.weights} weights (it has: {', '.join(present)})")
+        usable = [config.weights]
+    errors: list[str] = []
+    for fmt in usable:
+        try:
+            if fmt == "pytorch_state_dict":
+                model, _spec, _extra = read_package_model(source)
+            else:
+                data = descr.weights.torchscript.get_reader().read()
+                model = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            return model.eval(), fmt
+        except (ImportError, ValueError, RuntimeError, OSError) as e:
+            errors.append(f"{fmt}: {e}")
+            if fmt != usable[-1]:
+                notes.append(f"the {fmt} weights could not be loaded ({e}); using {usable[-1]}")
+                logger.warning(notes[-1])
+    raise GateInputError(f"{source.name}: no PyTorch weights could be loaded: {'; '.join(errors)}")
+
+
+def _package_preprocess(descr: Any, axes: PackageAxes) -> Callable[[np.ndarray], np.ndarray]:
+    from bioimageio.core import Sample, Tensor
+    from bioimageio.core.axis import AxisId
+    from bioimageio.core.proc_setup import get_pre_and_postprocessing
+
+    procs = get_pre_and_postprocessing(descr, dataset_for_initial_statistics=[])
+    member = descr.inputs[0].id
+    dims = tuple(AxisId(a) for a in axes.input)
+
+    def preprocess(raw: np.ndarray) -> np.ndarray:
+        x = axes.to_package(np.asarray(raw, dtype=np.float32)[None])
+        sample = Sample(members={member: Tensor(x, dims=dims)}, stat={}, id="gate")
+        procs.pre(sample)
+        y = sample.members[member].transpose(list(dims)).to_numpy()
+        return np.asarray(reorder_back(y, axes.input, axes.canonical)[0], dtype=np.float32)
+
+    return preprocess
+
+
+def _test_input(descr: Any, axes: PackageAxes) -> np.ndarray | None:
+    from bioimageio.core.axis import AxisId
+    from bioimageio.core.digest_spec import get_test_input_sample
+
+    try:
+        sample = get_test_input_sample(descr)
+    except Exception as e:  # a package whose test tensor is missing still gets a clear message later
+        logger.warning("could not read the package's test input: %s", e)
+        return None
+    tensor = next(iter(sample.members.values()))
+    y = tensor.transpose([AxisId(a) for a in axes.input]).to_numpy()
+    return np.asarray(reorder_back(y, axes.input, axes.canonical)[0])
+
+
+def _wrap_postprocessing(network: nn.Module, descr: Any, notes: list[str]) -> nn.Module:
+    ids = [str(p.id) for p in descr.outputs[0].postprocessing]
+    rest = [i for i in ids if i not in ("ensure_dtype", "sigmoid")]
+    if rest:
+        notes.append(
+            f"the package's postprocessing {rest} is not applied by the network-level metrics (tile mismatch, "
+            "disparity, sweep); the consumer emulations apply it"
+        )
+        logger.warning(notes[-1])
+    return _Sigmoid(network) if "sigmoid" in ids else network
+
+
+def _package_subject(source: Path, config: GateConfig) -> GateSubject:
+    descr, error = _load_descr(source)
+    if descr is None:
+        return GateSubject(
+            source=source, kind="package", name=source.name, dims=0, in_channels=0, network=nn.Identity(),
+            weights_format="none", divisor=(), preprocess=lambda raw: raw, format_error=error,
+        )
+    notes: list[str] = []
+    axes = _package_axes(descr)
+    size_min, size_step, halo = _geometry(descr, axes)
+    network, fmt = _package_network(source, descr, config, notes)
+    if not axes.is_canonical:
+        notes.append(f"the package declares axes {axes.input} -> {axes.output}; the metrics run it as "
+                     f"{axes.canonical}")
+        network = _AxisAdapter(network, axes)
+    network = _wrap_postprocessing(network, descr, notes)
+    return GateSubject(
+        source=source, kind="package", name=str(descr.name), dims=len(axes.spatial),
+        in_channels=_channels(descr.inputs[0]), network=network.eval(), weights_format=fmt,
+        divisor=tuple(max(1, s) for s in size_step), preprocess=_package_preprocess(descr, axes), axes=axes.spatial,
+        declared_halo=halo, size_min=size_min, size_step=size_step, descr=descr, package_axes=axes,
+        weight_formats=tuple(_present_formats(descr)), test_input=_test_input(descr, axes), notes=notes,
+    )
+
+
+def _is_package(path: Path) -> bool:
+    """A package (folder, rdf.yaml, zip with an rdf) rather than a checkpoint (a torch file, itself a zip)."""
+    if path.is_dir() or path.suffix.lower() in (".yaml", ".yml"):
+        return True
+    is_zip = zipfile.is_zipfile(path)
+    if path.suffix.lower() == ".zip" and not is_zip:
+        raise GateInputError(f"{path} is not a readable zip file (corrupt or truncated): download or export the "
+                             "package again")
+    if not is_zip:
+        return False
+    with zipfile.ZipFile(path) as zf:
+        names = {Path(n).name for n in zf.namelist()}
+    if names & {"rdf.yaml", "bioimageio.yaml"}:
+        return True
+    if path.suffix.lower() == ".zip":
+        raise GateInputError(f"{path} is a zip without rdf.yaml: not a bioimage.io package")
+    return False  # torch.save files are zips too
+
+
+def load_subject(model_source: str | os.PathLike[str], config: GateConfig) -> GateSubject:
+    """Load a package (zip, folder, rdf.yaml; format 0.4 or 0.5) or a tilenorm-bmz checkpoint for the gate.
+
+    Raises
+    ------
+    GateInputError
+        The source cannot be validated: missing, corrupt, not a model, no PyTorch weights, unsupported axes.
+        Other loading errors (``CheckpointError``, ``PackageError``) are ``ValueError`` s with the reason.
+    """
+    path = Path(model_source)
+    if not path.exists():
+        raise GateInputError(f"{path} does not exist")
+    if _is_package(path):
+        if path.is_dir() and not any((path / n).is_file() for n in ("rdf.yaml", "bioimageio.yaml")):
+            raise GateInputError(f"{path} is a folder without rdf.yaml: not a bioimage.io package")
+        if path.is_file() and zipfile.is_zipfile(path):
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    bad = zf.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise GateInputError(f"{path} is a corrupt zip file ({e})") from e
+            if bad is not None:
+                raise GateInputError(f"{path} is a corrupt zip file ({bad} fails its checksum)")
+        return _package_subject(path, config)
+    return _checkpoint_subject(path)
