@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from common import command_line, interleaved, machine, median, write_section
+
 from tilenorm_bmz.models import UNet
 from tilenorm_bmz.norm import RenormSchedule
 

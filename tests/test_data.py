@@ -204,7 +204,7 @@ def test_bad_files_get_clear_errors(tmp_path: Path):
         metadata={"axes": "TZYX"},
         photometric="minisblack",
     )
-    with pytest.raises(ImageFormatError, match="2D .* or 3D"):
+    with pytest.raises(ImageFormatError, match=r"2D .* or 3D"):
         open_image(tmp_path / "tzyx.tif")
     img = open_image(tmp_path / "tzyx.tif", axes="czyx")  # the override says what the axes are
     assert img.shape == (2, 3, 4, 5)
@@ -326,9 +326,9 @@ def test_tilewise_fixed_and_sampled_normalization():
 
 
 def test_input_normalization_config_messages_and_roundtrip():
-    with pytest.raises(ValidationError, match="upper is a quantile .* did you mean 0.98"):
+    with pytest.raises(ValidationError, match=r"upper is a quantile .* did you mean 0.98"):
         InputNormalization(lower=1.0, upper=98.0)
-    with pytest.raises(ValidationError, match="lower is a quantile .* did you mean 0.02"):
+    with pytest.raises(ValidationError, match=r"lower is a quantile .* did you mean 0.02"):
         InputNormalization(lower=2.0)
     with pytest.raises(ValidationError, match="smaller than upper"):
         InputNormalization(lower=0.5, upper=0.4)
@@ -468,7 +468,7 @@ def test_sampler_tiles_flips_and_normalization(blobs3d):
     fitted = InputNormalization().fit(image)
     targets = instances_to_targets(labels)
     counts = np.zeros(3)
-    for i in range(60):
+    for _ in range(60):
         t = s.sample()
         assert t.image.shape == (1, 8, 16, 16) and t.image.dtype == np.float32
         assert t.target.shape == (2, 8, 16, 16) and t.target.dtype == np.uint8

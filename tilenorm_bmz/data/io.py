@@ -326,7 +326,7 @@ class Image:
         as_slices = [k if isinstance(k, slice) else slice(k, k + 1) for k in canon]
         raw_key: list[Index] = []
         kept: list[int] = []
-        for i, c in enumerate(self._map.raw_to_canon):
+        for c in self._map.raw_to_canon:
             if c is None:
                 raw_key.append(0)
             else:

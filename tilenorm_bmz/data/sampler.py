@@ -290,7 +290,7 @@ class TileSampler:
         rng = np.random.default_rng([self.seed, int(index)])
         best: tuple[float, int, Region, np.ndarray] | None = None
         tries = 0
-        for tries in range(1, self.max_tries + 1):
+        for tries in range(1, self.max_tries + 1):  # noqa: B007 - the count is reported
             k = int(rng.choice(len(self.images), p=self._p))
             region = self.regions[k]
             starts = [

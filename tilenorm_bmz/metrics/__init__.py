@@ -27,6 +27,7 @@ from .halo import COUPLED, HaloSufficiencyResult, halo_sufficiency
 from .mismatch import MismatchFigure, MismatchGeometry, TileMismatchResult, mismatch_geometry, tile_mismatch
 from .seams import SeamFigure, TiledVsWholeResult, tiled_vs_whole
 from .sweep import DEFAULT_SWEEP_SIZES, SweepPoint, SweepResult, tile_size_sweep
+from .wrappers import NormTrainMode, TilewiseNormalized
 
 __all__ = [
     "COUPLED",
@@ -37,11 +38,13 @@ __all__ = [
     "MetricResult",
     "MismatchFigure",
     "MismatchGeometry",
+    "NormTrainMode",
     "SeamFigure",
     "SweepPoint",
     "SweepResult",
     "TileMismatchResult",
     "TiledVsWholeResult",
+    "TilewiseNormalized",
     "dice",
     "halo_sufficiency",
     "mismatch_geometry",

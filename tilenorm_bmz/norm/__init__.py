@@ -9,10 +9,10 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
-    "RenormSchedule",
     "ConversionReport",
     "LayerConversion",
+    "RenormSchedule",
     "SkippedLayer",
-    "convert_norm",
     "calibrate_norm",
+    "convert_norm",
 ]

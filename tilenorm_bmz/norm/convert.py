@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .batchrenorm import BatchRenorm
 
-__all__ = ["LayerConversion", "SkippedLayer", "ConversionReport", "convert_norm", "calibrate_norm"]
+__all__ = ["ConversionReport", "LayerConversion", "SkippedLayer", "calibrate_norm", "convert_norm"]
 
 logger = logging.getLogger(__name__)
 
