@@ -133,6 +133,28 @@ def _architecture_spec(root: Path, weights: Mapping[str, Any], tool: Mapping[str
     )
 
 
+def _restore_renorm(model: nn.Module, tool: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Give a network trained with BatchRenorm (and exported as BatchNorm) back its BatchRenorm layers with the
+    clipping limits it ended training with, so that train mode behaves as it did in training (what the
+    train/eval disparity and fine-tuning need). Returns ``{"step", "r_max", "d_max", "schedule"}`` or None."""
+    from ..config import RenormSchedule
+    from ..norm import BatchRenorm, convert_norm
+
+    norm_kind = tool.get("norm_kind") if isinstance(tool, Mapping) else None
+    trained = norm_kind.get("trained") if isinstance(norm_kind, Mapping) else None
+    training = tool.get("training") if isinstance(tool, Mapping) else None
+    if trained != "batchrenorm" or not isinstance(training, Mapping):
+        return None
+    if not any(isinstance(m, BatchRenorm) for m in model.modules()):
+        convert_norm(model, to="batchrenorm", inplace=True)
+    step = int(training.get("step") or 0)
+    raw = training.get("renorm_schedule")
+    schedule = RenormSchedule.model_validate(raw) if isinstance(raw, Mapping) else None
+    r_max, d_max = schedule.apply(model, step) if schedule is not None else (1.0, 0.0)
+    return {"step": step, "r_max": r_max, "d_max": d_max,
+            "schedule": schedule.model_dump(mode="json") if schedule else None}
+
+
 def _input_normalization(rdf: Mapping[str, Any], tool: Mapping[str, Any]) -> dict[str, Any] | None:
     """The normalization a package applies, as ``InputNormalization`` fields (None if not expressible)."""
     recorded = tool.get("input_normalization") if isinstance(tool, Mapping) else None
@@ -214,6 +236,7 @@ def read_package_model(source: str | os.PathLike[str]) -> tuple[nn.Module, Archi
                 f"{source}: the weights do not fit the architecture {spec.describe()}: missing "
                 f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
             )
+        renorm = _restore_renorm(model, tool)
         model.eval()
         inputs = rdf.get("inputs") or [{}]
         outputs = rdf.get("outputs") or [{}]
@@ -231,6 +254,8 @@ def read_package_model(source: str | os.PathLike[str]) -> tuple[nn.Module, Archi
         norm = _input_normalization(rdf, tool)
         if norm is not None:
             extra["input_normalization"] = norm
+        if renorm is not None:
+            extra["renorm"] = renorm
     logger.info("read %s (%s) from %s", spec.describe(), rdf.get("name"), source)
     return model, spec, extra
 

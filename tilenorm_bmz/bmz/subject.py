@@ -331,6 +331,13 @@ def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[s
         try:
             if fmt == "pytorch_state_dict":
                 model, _spec, _extra = read_package_model(source)
+                renorm = _extra.get("renorm")
+                if renorm:
+                    notes.append(
+                        f"trained with BatchRenorm and exported as BatchNorm: train mode is measured with its "
+                        f"BatchRenorm layers restored at the limits it ended training with (r_max {renorm['r_max']:g}, "
+                        f"d_max {renorm['d_max']:g}, step {renorm['step']})"
+                    )
             else:
                 data = descr.weights.torchscript.get_reader().read()
                 model = torch.jit.load(io.BytesIO(data), map_location="cpu")
