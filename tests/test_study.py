@@ -1,0 +1,110 @@
+"""`tilenorm-bmz study` end to end on a tiny budget, and its config rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from tilenorm_bmz.cli import app
+from tilenorm_bmz.study import PAPER_VARIANTS, StudyConfig, variant_config
+
+runner = CliRunner()
+
+TINY = {
+    "out_dir": "runs",
+    "report": "STUDY.md",
+    "variants": [
+        {"name": "batchnorm", "norm": "batchnorm"},
+        {"name": "batchrenorm", "norm": "batchrenorm"},
+        {"name": "instancenorm-tilewise", "norm": "instancenorm", "input_normalization": "tilewise"},
+    ],
+    "datasets": [
+        {
+            "name": "synth2d",
+            "train": {
+                "model": {"dims": 2, "features": 4, "depth": 2},
+                "data": {"sample": "synthetic", "tile_shape": [48, 48], "synthetic": {"shape": [128, 192]}},
+                "schedule": {"warmup_steps": 2, "ramp_steps": 2},
+                "steps": 4,
+                "grad_accumulation": 1,
+                "batch_size": 2,
+                "validate_every": 4,
+                "device": "cpu",
+            },
+            "budgets": {"cpu": {"steps": 3}, "gpu": {"steps": 50, "tile_shape": [64, 64]}},
+            "measure": {"max_crops": 2, "disparity_tiles": 2, "sweep_sizes": [64, 128]},
+        }
+    ],
+}
+
+
+def test_study_runs_end_to_end_and_reuses_finished_runs(tmp_path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    result = runner.invoke(app, ["study", str(path), "--budget", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "STUDY.md").read_text()
+    assert "| norm | input norm | Dice eval | Dice train mode | disparity | tile mismatch |" in report
+    rows = [ln for ln in report.splitlines() if ln.startswith(("| batch", "| instance"))]
+    assert len(rows) == 3
+    bn = json.loads((tmp_path / "runs" / "synth2d" / "batchrenorm" / "measure.json").read_text())
+    assert bn["steps"] == 3 and bn["max_dist"] == 0.0 and bn["budget"] == "cpu"
+    assert "| batchrenorm | global |" in report and "| no |" in report  # seamless
+    tw = json.loads((tmp_path / "runs" / "synth2d" / "instancenorm-tilewise" / "measure.json").read_text())
+    assert tw["disparity"] is None and tw["max_dist"] > 0  # tile-wise normalization: seams
+    assert (tmp_path / "STUDY_figures" / "synth2d_sweep.png").exists()
+    assert (tmp_path / "STUDY_figures" / "synth2d_batchrenorm_mismatch.png").exists()
+    ckpt = tmp_path / "runs" / "synth2d" / "batchnorm" / "last.pt"
+    before = ckpt.stat().st_mtime_ns
+    result = runner.invoke(app, ["study", str(path), "--budget", "cpu", "--variant", "batchnorm"])
+    assert result.exit_code == 0, result.output
+    assert ckpt.stat().st_mtime_ns == before  # reused, not retrained
+    result = runner.invoke(app, ["study", str(path), "--report-only", "--budget", "cpu"])
+    assert result.exit_code == 0 and "wrote" in result.output
+
+
+def test_unknown_selection_and_changed_config_are_errors(tmp_path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    result = runner.invoke(app, ["study", str(path), "--dataset", "nope"])
+    assert result.exit_code == 2 and "unknown dataset" in result.output
+
+
+def test_budgets_change_the_training_config() -> None:
+    cfg = StudyConfig.model_validate(TINY)
+    ds = cfg.datasets[0]
+    cpu = variant_config(ds, cfg.variants[1], "cpu")
+    gpu = variant_config(ds, cfg.variants[1], "gpu")
+    assert cpu.steps == 3 and gpu.steps == 50 and gpu.data.tile_shape == (64, 64)
+    assert cpu.model.norm.kind == "batchrenorm"
+    tw = variant_config(ds, cfg.variants[2], "cpu")
+    assert tw.data.input_normalization.mode == "tilewise" and tw.model.norm.kind == "instancenorm"
+
+
+def test_default_variants_are_the_papers() -> None:
+    cfg = StudyConfig.model_validate({"datasets": TINY["datasets"]})
+    assert [v.name for v in cfg.variants] == [v.name for v in PAPER_VARIANTS]
+    assert {(v.norm, v.input_normalization) for v in cfg.variants} == {
+        ("batchnorm", "global"), ("instancenorm", "global"), ("batchrenorm", "global"), ("none", "global"),
+        ("batchnorm", "tilewise"), ("instancenorm", "tilewise"),
+    }
+
+
+def test_duplicate_names_rejected() -> None:
+    bad = dict(TINY, variants=[{"name": "a", "norm": "batchnorm"}, {"name": "a", "norm": "none"}])
+    with pytest.raises(ValidationError, match="repeated"):
+        StudyConfig.model_validate(bad)
+
+
+def test_repository_study_config_is_valid() -> None:
+    from pathlib import Path
+
+    cfg = StudyConfig.from_yaml(Path(__file__).resolve().parents[1] / "model_zoo" / "study.yaml")
+    for ds in cfg.datasets:
+        for v in cfg.variants:
+            for budget in ("cpu", "gpu"):
+                variant_config(ds, v, budget)

@@ -1,0 +1,527 @@
+"""The normalization study (``tilenorm-bmz study``): the paper's Table 1 on real data.
+
+The same U-Net is trained with each normalization variant (BatchNorm, InstanceNorm, BatchRenorm, none with
+global input normalization; BatchNorm and InstanceNorm with tile-wise input normalization) on each dataset
+and measured on the held-out region: Dice per class in eval mode and in train mode, train/eval disparity,
+tile mismatch ("no" when max_dist is 0) and Dice against tile size. The results go to a Markdown report
+with figures (``model_zoo/STUDY.md``).
+
+One config runs on any machine: each dataset has a ``cpu`` and a ``gpu`` budget (steps, schedule, tile,
+batch); ``--budget auto`` picks ``gpu`` when CUDA is present. Finished runs are reused, interrupted ones
+resumed, so the study can be run in pieces (``--dataset``, ``--variant``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ._version import __version__
+from .config import NormKind, StrictModel, TrainConfig, atomic_write_text
+
+__all__ = [
+    "PAPER_VARIANTS",
+    "StudyBudget",
+    "StudyConfig",
+    "StudyDataset",
+    "StudyMeasure",
+    "StudyVariant",
+    "VariantResult",
+    "run_study",
+    "write_study_report",
+]
+
+logger = logging.getLogger(__name__)
+
+Budget = Literal["cpu", "gpu"]
+
+
+class StudyVariant(StrictModel):
+    """One row of the table: a norm kind and the input normalization it is trained and run with."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    norm: NormKind
+    input_normalization: Literal["global", "tilewise"] = "global"
+
+
+PAPER_VARIANTS: list[StudyVariant] = [
+    StudyVariant(name="batchnorm", norm="batchnorm"),
+    StudyVariant(name="instancenorm", norm="instancenorm"),
+    StudyVariant(name="batchrenorm", norm="batchrenorm"),
+    StudyVariant(name="none", norm="none"),
+    StudyVariant(name="batchnorm-tilewise", norm="batchnorm", input_normalization="tilewise"),
+    StudyVariant(name="instancenorm-tilewise", norm="instancenorm", input_normalization="tilewise"),
+]
+
+
+class StudyBudget(StrictModel):
+    """Training budget overrides for one machine class (unset fields keep the dataset's train config)."""
+
+    steps: int | None = Field(None, ge=1)
+    warmup_steps: int | None = Field(None, ge=0)
+    ramp_steps: int | None = Field(None, ge=0)
+    tile_shape: tuple[int, ...] | None = None
+    batch_size: int | None = Field(None, ge=1)
+    grad_accumulation: int | None = Field(None, ge=1)
+    validate_every: int | None = Field(None, ge=1)
+    amp: Literal["none", "bf16", "fp16"] | None = None
+
+
+class StudyMeasure(StrictModel):
+    """How every trained variant is measured on the held-out region."""
+
+    predict_tile: tuple[int, ...] | None = None
+    """Tile of the Dice predictions (eval and train mode); default: the training tile."""
+    mismatch_crop: tuple[int, ...] | None = None
+    """Tile-mismatch crop; default: the paper's (192x192x288 / 192x288), scaled down to the image."""
+    mismatch_tile: int | None = None
+    mismatch_offset: int | None = None
+    mismatch_stride: int = Field(64, ge=1)
+    max_crops: int | None = Field(16, ge=1)
+    """Evaluate at most this many crops of the grid (evenly spread)."""
+    disparity_tiles: int = Field(8, ge=1)
+    sweep_sizes: list[int] | None = None
+    """Tile sizes of the Dice-vs-tile-size sweep (cubes/squares, clipped to the image)."""
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class StudyDataset(StrictModel):
+    """A dataset of the study: the base training config (its norm and input normalization are replaced
+    per variant), the budgets, and the measurement settings."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    train: TrainConfig
+    budgets: dict[Budget, StudyBudget] = Field(default_factory=dict)
+    measure: StudyMeasure = Field(default_factory=StudyMeasure)
+
+    @model_validator(mode="after")
+    def _check(self) -> StudyDataset:
+        if self.train.model is None:
+            raise ValueError(f"dataset {self.name}: train.model is required")
+        return self
+
+
+class StudyConfig(StrictModel):
+    """The whole study (``tilenorm-bmz study CONFIG.yaml``)."""
+
+    datasets: list[StudyDataset]
+    variants: list[StudyVariant] = Field(default_factory=lambda: [v.model_copy() for v in PAPER_VARIANTS])
+    out_dir: Path = Path("study")
+    """Run folders: OUT_DIR/DATASET/VARIANT/ (checkpoints, metrics, measure.json)."""
+    report: Path = Path("STUDY.md")
+    """The Markdown report; its figures go to a folder next to it (REPORT_STEM_figures/)."""
+
+    @model_validator(mode="after")
+    def _unique(self) -> StudyConfig:
+        for what, names in (("dataset", [d.name for d in self.datasets]), ("variant", [v.name for v in self.variants])):
+            dup = {n for n in names if names.count(n) > 1}
+            if dup:
+                raise ValueError(f"{what} names must be unique; repeated: {sorted(dup)}")
+        if not self.datasets or not self.variants:
+            raise ValueError("the study needs at least one dataset and one variant")
+        return self
+
+    def resolve_paths(self, base_dir: str | os.PathLike[str]) -> StudyConfig:
+        base = Path(base_dir)
+        return self.model_copy(update={
+            "out_dir": self.out_dir if self.out_dir.is_absolute() else base / self.out_dir,
+            "report": self.report if self.report.is_absolute() else base / self.report,
+        })
+
+
+class VariantResult(BaseModel):
+    """The measured row of one dataset x variant (``measure.json`` in the run folder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str
+    variant: str
+    norm: str
+    input_normalization: str
+    channels: list[str]
+    steps: int
+    train_seconds: float | None
+    budget: str
+    dice_eval: list[float]
+    dice_train: list[float] | None
+    disparity: list[float] | None
+    disparity_batch: str | None
+    mismatch: list[float]
+    max_dist: float
+    mismatch_geometry: dict[str, Any]
+    sweep: list[dict[str, Any]]
+    halo: list[int]
+    predict_tile: list[int]
+    validation_shape: list[int]
+    device: str
+
+    @property
+    def seamless(self) -> bool:
+        return self.max_dist == 0.0
+
+
+# -- configuration per run ----------------------------------------------------------------------------
+def pick_budget(budget: str) -> Budget:
+    if budget == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if budget not in ("cpu", "gpu"):
+        raise ValueError(f"budget must be auto, cpu or gpu, got {budget!r}")
+    return budget  # type: ignore[return-value]
+
+
+def variant_config(dataset: StudyDataset, variant: StudyVariant, budget: Budget) -> TrainConfig:
+    """The training config of one run: the dataset's base config, the variant's norm and input
+    normalization, the budget's overrides (validated again as a whole)."""
+    cfg = dataset.train.model_dump(mode="json")
+    cfg["model"]["norm"]["kind"] = variant.norm
+    cfg["data"]["input_normalization"]["mode"] = variant.input_normalization
+    b = dataset.budgets.get(budget)
+    if b is not None:
+        for key in ("steps", "batch_size", "grad_accumulation", "validate_every", "amp"):
+            v = getattr(b, key)
+            if v is not None:
+                cfg[key] = v
+        for key in ("warmup_steps", "ramp_steps"):
+            v = getattr(b, key)
+            if v is not None:
+                cfg["schedule"][key] = v
+        if b.tile_shape is not None:
+            cfg["data"]["tile_shape"] = list(b.tile_shape)
+    cfg["checkpoint_every"] = min(cfg["checkpoint_every"], cfg["steps"])
+    return TrainConfig.model_validate(cfg)
+
+
+# -- measuring ----------------------------------------------------------------------------------------
+def measure_variant(
+    checkpoint: str | os.PathLike[str],
+    dataset: StudyDataset,
+    variant: StudyVariant,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    figures_dir: Path | None = None,
+    progress: bool = False,
+) -> VariantResult:
+    """Measure a trained run like the paper's Table 1 on its held-out region (and draw its figures)."""
+    from .checkpoint import load_checkpoint
+    from .data import build_training_data
+    from .metrics import (
+        NormTrainMode,
+        TilewiseNormalized,
+        dice,
+        tile_mismatch,
+        tile_size_sweep,
+        train_eval_disparity,
+    )
+    from .tiling import TiledPredictor
+    from .tiling.predictor import resolve_device
+    from .train.trainer import _val_tile, _validation_halo
+
+    dev = resolve_device(device)
+    model, info = load_checkpoint(checkpoint, map_location=dev)
+    cfg = TrainConfig.model_validate(info.extra["train_config"])
+    data = build_training_data(cfg.data, base_dir=base_dir)
+    item = data.validation[0]
+    channels = list(data.channel_names)
+    dims = data.dims
+    divisor = tuple(getattr(model, "divisor", (1,) * dims))
+    halo = _validation_halo(model, dims)
+    ms = dataset.measure
+    tilewise = item.normalization.per_tile
+    settings = cfg.data.input_normalization
+    if tilewise:
+        image = item.raw().astype(np.float32)
+        net: torch.nn.Module = TilewiseNormalized.from_settings(model, settings)
+        net_train: torch.nn.Module = TilewiseNormalized.from_settings(NormTrainMode(model), settings)
+    else:
+        image = item.normalized()
+        net, net_train = model, NormTrainMode(model)
+    targets = item.targets
+    if ms.predict_tile is not None:
+        tile = tuple(ms.predict_tile)
+    else:  # the training tile, enlarged where the halo needs it, at most the (padded) image
+        tile = _val_tile(tuple(cfg.data.tile_shape), halo, divisor, tuple(image.shape[1:]))
+
+    pred_eval = TiledPredictor(net, tile, halo, batch_size=1, device=dev, progress=progress).predict(image)
+    dice_eval = [float(v) for v in dice(pred_eval, targets, ms.threshold, channel_axis=0)]
+    dice_train = None
+    if norm_has_running_stats(model):
+        pred_train = TiledPredictor(net_train, tile, halo, batch_size=1, device=dev).predict(image)
+        dice_train = [float(v) for v in dice(pred_train, targets, ms.threshold, channel_axis=0)]
+    else:
+        dice_train = list(dice_eval)  # no running statistics: train mode computes the same
+    disp = train_eval_disparity(net, image, batch_size=cfg.batch_size, n_tiles=ms.disparity_tiles,
+                                tile_shape=cfg.data.tile_shape, seed=0, threshold=ms.threshold, device=dev,
+                                divisor=divisor)
+    mm = tile_mismatch(net, image, halo=halo, crop_shape=ms.mismatch_crop, stride=ms.mismatch_stride,
+                       tile=ms.mismatch_tile, offset=ms.mismatch_offset, device=dev, threshold=ms.threshold,
+                       divisor=divisor, max_crops=ms.max_crops, progress=progress)
+    sizes = ms.sweep_sizes or _default_sweep(image.shape[1:], halo, divisor)
+    sweep = tile_size_sweep(net, image, targets, halo=halo, tile_sizes=sizes, threshold=ms.threshold,
+                            device=dev, divisor=divisor)
+    if figures_dir is not None:
+        _variant_figures(figures_dir, dataset.name, variant.name, mm, disp)
+    log_rows = info.extra.get("train_seconds")
+    return VariantResult(
+        dataset=dataset.name,
+        variant=variant.name,
+        norm=variant.norm,
+        input_normalization=variant.input_normalization,
+        channels=channels,
+        steps=info.step,
+        train_seconds=float(log_rows) if log_rows is not None else None,
+        budget=str(info.extra.get("study_budget", "")),
+        dice_eval=dice_eval,
+        dice_train=dice_train,
+        disparity=list(disp.disparity) if disp.disparity is not None else None,
+        disparity_batch=disp.batch_composition,
+        mismatch=[float(v) for v in mm.mismatch],
+        max_dist=float(mm.max_dist),
+        mismatch_geometry=mm.geometry.model_dump(mode="json"),
+        sweep=[{"tile_shape": list(p.tile_shape), "score": list(p.score)} for p in sweep.points],
+        halo=list(halo),
+        predict_tile=list(tile),
+        validation_shape=list(image.shape[1:]),
+        device=str(dev),
+    )
+
+
+def norm_has_running_stats(model: torch.nn.Module) -> bool:
+    from .metrics import norm_layers
+
+    return bool(norm_layers(model)[0])
+
+
+def _default_sweep(spatial: Sequence[int], halo: Sequence[int], divisor: Sequence[int]) -> list[int]:
+    smallest = max(2 * h + 2 * d for h, d in zip(halo, divisor, strict=True))
+    largest = max(spatial)
+    sizes = {int(-(-smallest // 16) * 16)}
+    s = 32
+    while s < largest:
+        if s > smallest:
+            sizes.add(s)
+        s *= 2
+    sizes.add(int(-(-largest // max(divisor)) * max(divisor)))
+    return sorted(sizes)
+
+
+def _variant_figures(folder: Path, dataset: str, variant: str, mm: Any, disp: Any) -> None:
+    from .report.figures import disparity_figure, tile_mismatch_figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, png in (("mismatch", tile_mismatch_figure(mm)), ("disparity", disparity_figure(disp))):
+        if png:
+            tmp = folder / f".{dataset}_{variant}_{kind}.png.tmp"
+            tmp.write_bytes(png)
+            os.replace(tmp, folder / f"{dataset}_{variant}_{kind}.png")
+
+
+# -- running --------------------------------------------------------------------------------------------
+def _train_run(cfg: TrainConfig, run_dir: Path, base_dir: Path | None, device: str | None, progress: bool,
+               budget: Budget) -> tuple[Path, float | None]:
+    from .checkpoint import load_checkpoint
+    from .train import Trainer
+
+    last = run_dir / "last.pt"
+    if last.exists():
+        _, info = load_checkpoint(last)
+        stored = info.extra.get("train_config")
+        same = stored is not None and TrainConfig.model_validate(stored) == cfg
+        if same and info.step >= cfg.steps:
+            logger.info("%s: reusing the finished run (step %d)", run_dir, info.step)
+            return last, info.extra.get("train_seconds")
+        if same:
+            logger.info("%s: resuming from step %d", run_dir, info.step)
+            trainer = Trainer.resume(last, out_dir=run_dir, config=cfg, device=device, progress=progress)
+        else:
+            raise ValueError(
+                f"{run_dir} holds a run with a different config; delete it or use another out_dir "
+                "(the study never overwrites a run)"
+            )
+    else:
+        trainer = Trainer(cfg, run_dir, base_dir=base_dir, device=device, progress=progress)
+    trainer.extra["study_budget"] = budget
+    elapsed = float(trainer.extra.get("train_seconds") or 0.0)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.interrupted:
+        raise KeyboardInterrupt
+    trainer.extra["train_seconds"] = elapsed + time.perf_counter() - t0
+    trainer.save("last.pt")
+    return result.last, trainer.extra["train_seconds"]
+
+
+def run_study(
+    config: StudyConfig,
+    *,
+    budget: str = "auto",
+    datasets: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
+    device: str | None = None,
+    base_dir: str | os.PathLike[str] | None = None,
+    command: str | None = None,
+    progress: bool = False,
+) -> list[VariantResult]:
+    """Train (or reuse) and measure every selected dataset x variant; write the report. Returns the rows."""
+    b = pick_budget(budget)
+    base = Path(base_dir) if base_dir is not None else None
+    known_ds = {d.name for d in config.datasets}
+    known_v = {v.name for v in config.variants}
+    for sel, known, what in ((datasets, known_ds, "dataset"), (variants, known_v, "variant")):
+        unknown = set(sel or ()) - known
+        if unknown:
+            raise ValueError(f"unknown {what}(s) {sorted(unknown)}; the config has {sorted(known)}")
+    figures = _figures_dir(config.report)
+    rows: list[VariantResult] = []
+    for ds in config.datasets:
+        if datasets and ds.name not in datasets:
+            continue
+        for v in config.variants:
+            if variants and v.name not in variants:
+                continue
+            run_dir = config.out_dir / ds.name / v.name
+            cfg = variant_config(ds, v, b)
+            logger.info("study: %s / %s (%s budget, %d steps)", ds.name, v.name, b, cfg.steps)
+            ckpt, _ = _train_run(cfg, run_dir, base, device, progress, b)
+            row = measure_variant(ckpt, ds, v, base_dir=base, device=device or cfg.device, figures_dir=figures)
+            atomic_write_text(run_dir / "measure.json", row.model_dump_json(indent=2))
+            rows.append(row)
+    write_study_report(config, budget=b, command=command)
+    return rows
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def _figures_dir(report: Path) -> Path:
+    return report.parent / f"{report.stem}_figures"
+
+
+def load_results(config: StudyConfig) -> list[VariantResult]:
+    rows = []
+    for ds in config.datasets:
+        for v in config.variants:
+            path = config.out_dir / ds.name / v.name / "measure.json"
+            if path.exists():
+                rows.append(VariantResult.model_validate(json.loads(path.read_text())))
+    return rows
+
+
+def _pair(values: Sequence[float] | None, fmt: str = "{:.3f}") -> str:
+    if values is None:
+        return "n/a"
+    return " / ".join(fmt.format(v) for v in values)
+
+
+def _sweep_plot(rows: list[VariantResult], path: Path, channel: int = 0) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
+    for r in rows:
+        xs = [int(np.prod(p["tile_shape"]) ** (1 / len(p["tile_shape"]))) for p in r.sweep]
+        ax.plot(xs, [p["score"][channel] for p in r.sweep], marker="o", label=r.variant)
+    name = rows[0].channels[channel] if rows else ""
+    ax.set(xscale="log", xlabel="tile size (voxels per axis, geometric mean)", ylabel=f"Dice ({name})",
+           title=f"{rows[0].dataset if rows else ''}: performance vs tile size")
+    ax.legend(fontsize=7)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str | None = None) -> Path:
+    """Write the Markdown report (table, budget, command, figures) from the saved ``measure.json`` files."""
+    rows = load_results(config)
+    figures = _figures_dir(config.report)
+    figures.mkdir(parents=True, exist_ok=True)
+    rel = figures.name
+    lines = [
+        "# Normalization study: tiling artifacts and train/eval disparity on real data",
+        "",
+        "The paper's U-Net (2 downsamplings, 32/64/128 features) trained with each normalization and "
+        "measured on the held-out part of each image (split by region), as in Table 1 of "
+        "Buglakova et al. (ICCV 2025): Dice per class (foreground / boundary) with the network in eval mode and "
+        "in train mode (normalization with the statistics of each tile, batch 1), train/eval disparity "
+        "(1 - Dice between the two), and tile mismatch (two overlapping tiles of every crop, valid overlap "
+        "only; 'no' when the maximum difference is exactly 0).",
+        "",
+        f"Produced by tilenorm-bmz {__version__} on {_machine()}. "
+        f"Command: `{command or 'tilenorm-bmz study model_zoo/study.yaml'}`.",
+        "",
+    ]
+    for ds in config.datasets:
+        ds_rows = [r for r in rows if r.dataset == ds.name]
+        if not ds_rows:
+            continue
+        b = ds.budgets.get(budget)  # type: ignore[call-overload]
+        v0 = variant_config(ds, config.variants[0], budget)  # type: ignore[arg-type]
+        lines += [
+            f"## {ds.name}",
+            "",
+            f"Training budget ({budget}): {v0.steps} steps of batch {v0.batch_size} x {v0.grad_accumulation} "
+            f"accumulated passes on tiles {list(v0.data.tile_shape)}, Adam lr {v0.lr}; BatchRenorm warm-up "
+            f"{v0.schedule.warmup_steps} steps, ramp {v0.schedule.ramp_steps} steps to r_max {v0.schedule.r_max}, "
+            f"d_max {v0.schedule.d_max}. Validation region {ds_rows[0].validation_shape}, predicted with tiles "
+            f"{ds_rows[0].predict_tile} and halo {ds_rows[0].halo}."
+            + (" " + _budget_note(b) if b is not None else ""),
+            "",
+            "| norm | input norm | Dice eval | Dice train mode | disparity | tile mismatch | max_dist | train time |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in ds_rows:
+            mismatch = "no" if r.seamless else _pair(r.mismatch)
+            t = _duration(r.train_seconds)
+            lines.append(
+                f"| {r.norm} | {r.input_normalization} | {_pair(r.dice_eval)} | {_pair(r.dice_train)} | "
+                f"{_pair(r.disparity)} | {mismatch} | {r.max_dist:.2g} | {t} |"
+            )
+        lines += [
+            "",
+            "Values are foreground / boundary. Disparity 'n/a': the network has no running statistics, so train "
+            f"and eval mode compute the same. Disparity probe: {ds_rows[0].disparity_batch or ''}.",
+            "",
+        ]
+        sweep_png = figures / f"{ds.name}_sweep.png"
+        _sweep_plot(ds_rows, sweep_png)
+        lines += [f"![Dice vs tile size, {ds.name}]({rel}/{sweep_png.name})", ""]
+        for r in ds_rows:
+            for kind, caption in (("mismatch", "tile mismatch at the worst crop"),
+                                  ("disparity", "train vs eval prediction")):
+                png = figures / f"{ds.name}_{r.variant}_{kind}.png"
+                if png.exists() and r.variant in _FIGURE_VARIANTS[kind]:
+                    lines += [f"**{r.variant}**, {caption}:", "", f"![{r.variant} {kind}]({rel}/{png.name})", ""]
+    atomic_write_text(config.report, "\n".join(lines).rstrip() + "\n")
+    return config.report
+
+
+_FIGURE_VARIANTS = {
+    "mismatch": {"batchrenorm", "instancenorm", "batchnorm-tilewise", "instancenorm-tilewise"},
+    "disparity": {"batchnorm", "batchrenorm"},
+}
+
+
+def _duration(seconds: float | None) -> str:
+    if not seconds:
+        return ""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _budget_note(b: StudyBudget) -> str:
+    return "Budget overrides: " + ", ".join(f"{k} {v}" for k, v in b.model_dump(exclude_none=True).items()) + "."
+
+
+def _machine() -> str:
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    return f"CPU, {os.cpu_count()} cores, torch {torch.__version__}"

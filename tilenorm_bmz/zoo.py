@@ -1,0 +1,315 @@
+"""``model_zoo/``: published models, each rebuilt from its config (``tilenorm-bmz zoo build|list|check``).
+
+A zoo entry is a folder with::
+
+    zoo.yaml          ZooEntry: package name, the training and export configs, optionally a finished run
+    train.yaml        TrainConfig that trains the network (on data embedded in tilenorm-bmz)
+    export.yaml       ExportConfig: the package metadata
+    NAME.bioimageio.zip   the package (built, bioimage.io-tested and gate-accepted)
+    gate/report.json, gate/report.html    the gate's evidence
+    README.md         generated: what it segments, data, training, measured figures, usage
+
+The gate data of an entry is the held-out region of its training data (the validation split of
+``train.yaml``), so ``zoo check`` re-validates every package on real data without the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from ._version import __version__
+from .config import ExportConfig, GateConfig, StrictModel, TrainConfig, atomic_write_text
+
+__all__ = ["ZooEntry", "ZooBuild", "build_entry", "check_zoo", "find_entries", "list_zoo", "gate_data"]
+
+logger = logging.getLogger(__name__)
+
+
+class ZooEntry(StrictModel):
+    """``zoo.yaml`` of a model_zoo folder (paths relative to the folder)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    """File stem of the package: NAME.bioimageio.zip."""
+    summary: str
+    """One sentence: what the model segments, in what data."""
+    train: Path = Path("train.yaml")
+    export: Path = Path("export.yaml")
+    checkpoint: Path | None = None
+    """A finished training run of exactly train.yaml to package instead of training again (e.g. the study's)."""
+    run_dir: Path = Path("run")
+    """Where ``zoo build`` trains when there is no checkpoint."""
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+    @property
+    def package_name(self) -> str:
+        return f"{self.name}.bioimageio.zip"
+
+
+@dataclass
+class ZooBuild:
+    """What ``zoo build`` produced."""
+
+    folder: Path
+    package: Path
+    checkpoint: Path
+    accepted: bool
+    report_html: Path | None
+    readme: Path
+
+
+def load_entry(folder: str | os.PathLike[str]) -> tuple[Path, ZooEntry]:
+    folder = Path(folder)
+    path = folder / "zoo.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not a zoo entry: it has no zoo.yaml")
+    return folder, ZooEntry.from_yaml(path)
+
+
+def find_entries(root: str | os.PathLike[str]) -> list[Path]:
+    """Every folder below ``root`` (one level) with a zoo.yaml, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    return sorted(p.parent for p in root.glob("*/zoo.yaml"))
+
+
+def gate_data(train_cfg: TrainConfig, base_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """The held-out region of the training data: raw image ``(C, *s)``, instance labels ``(*s)``, a name."""
+    from .data.dataset import open_pairs
+    from .data.sampler import split_by_region
+
+    data = train_cfg.data
+    pairs = open_pairs(data, base_dir=base_dir)
+    if data.split.by == "region":
+        pair = pairs[0]
+        _, region = split_by_region(pair.image.spatial_shape, data.split.fraction, data.split.axis)
+    else:
+        from .data.sampler import split_by_image
+
+        _, val = split_by_image(pairs, data.split.fraction)
+        pair = val[0]
+        region = tuple(slice(0, s) for s in pair.image.spatial_shape)
+    image = np.asarray(pair.image[(slice(None), *region)])
+    labels = np.asarray(pair.labels[tuple(region)])
+    where = ", ".join(f"{r.start}:{r.stop}" for r in region)
+    return image, labels, f"{pair.name}[{where}] (held-out region)"
+
+
+def _train(entry: ZooEntry, folder: Path, cfg: TrainConfig, progress: bool) -> Path:
+    from .checkpoint import load_checkpoint
+    from .train import Trainer
+
+    run = folder / entry.run_dir
+    last = run / "last.pt"
+    if last.exists():
+        _, info = load_checkpoint(last)
+        if info.step >= cfg.steps:
+            return last
+        trainer = Trainer.resume(last, out_dir=run, config=cfg, progress=progress)
+    else:
+        trainer = Trainer(cfg, run, base_dir=folder, progress=progress)
+    return trainer.fit().last
+
+
+def build_entry(folder: str | os.PathLike[str], *, retrain: bool = False, progress: bool = False) -> ZooBuild:
+    """Train (or reuse the named run), package with the gate, validate on the held-out data, write README."""
+    from .bmz import export_package, validate_package
+    from .checkpoint import load_checkpoint
+
+    folder, entry = load_entry(folder)
+    cfg = TrainConfig.from_yaml(folder / entry.train)
+    export_cfg = ExportConfig.from_yaml(folder / entry.export)
+    ckpt = (folder / entry.checkpoint) if entry.checkpoint is not None else None
+    if ckpt is not None and ckpt.exists() and not retrain:
+        _, info = load_checkpoint(ckpt)
+        stored = TrainConfig.model_validate(info.extra.get("train_config") or {})
+        if stored.model != cfg.model or stored.data != cfg.data or stored.steps != cfg.steps:
+            raise ValueError(f"{ckpt} was not trained with {folder / entry.train}: rebuild with --retrain")
+    else:
+        ckpt = _train(entry, folder, cfg, progress)
+    image, labels, name = gate_data(cfg, folder)
+    package = folder / entry.package_name
+    export_package(ckpt, package, export_config=export_cfg, sample=image, overwrite=True,
+                   gate=_gate_hook(entry.gate, image, labels, name), progress=progress)
+    report = validate_package(package, image, labels, config=entry.gate, out_dir=folder / "gate", name=name,
+                              progress=progress)
+    readme = write_readme(folder, entry, cfg, ckpt, report, export_cfg)
+    return ZooBuild(folder, package, ckpt, report.accepted, report.report_html, readme)
+
+
+def _gate_hook(config: GateConfig, image: np.ndarray, labels: np.ndarray, name: str) -> Any:
+    from .bmz import gate_hook
+
+    return gate_hook(config, data=image, labels=labels, name=name)
+
+
+def check_zoo(root: str | os.PathLike[str], *, progress: bool = False) -> list[tuple[str, Any]]:
+    """Re-validate every package of the zoo on its held-out data; returns ``(name, GateReport)`` pairs."""
+    from .bmz import validate_package
+
+    out = []
+    for folder in find_entries(root):
+        _, entry = load_entry(folder)
+        package = folder / entry.package_name
+        if not package.exists():
+            raise FileNotFoundError(f"{package} is missing: build it with `tilenorm-bmz zoo build {folder}`")
+        cfg = TrainConfig.from_yaml(folder / entry.train)
+        image, labels, name = gate_data(cfg, folder)
+        report = validate_package(package, image, labels, config=entry.gate, out_dir=folder / "gate",
+                                  name=name, progress=progress)
+        out.append((entry.name, report))
+    return out
+
+
+def list_zoo(root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One row per entry with the figures of its last gate report (``gate/report.json``)."""
+    rows = []
+    for folder in find_entries(root):
+        _, entry = load_entry(folder)
+        cfg = TrainConfig.from_yaml(folder / entry.train)
+        row: dict[str, Any] = {
+            "name": entry.name,
+            "folder": str(folder),
+            "dims": cfg.model.dims if cfg.model else None,
+            "norm": cfg.model.norm.kind if cfg.model else None,
+            "package": (folder / entry.package_name).exists(),
+        }
+        report_path = folder / "gate" / "report.json"
+        if report_path.exists():
+            row.update(_figures(json.loads(report_path.read_text())))
+        rows.append(row)
+    return rows
+
+
+def _figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of a gate report.json."""
+    results = report.get("results") or {}
+    tm = results.get("tile_mismatch") or {}
+    disp = results.get("train_eval_disparity") or {}
+    halo = results.get("halo_sufficiency") or {}
+    images = ((report.get("extra") or {}).get("gate") or {}).get("images") or [{}]
+    return {
+        "accepted": report.get("accepted"),
+        "max_dist": tm.get("max_dist"),
+        "tile_mismatch": tm.get("mismatch"),
+        "disparity": disp.get("disparity") if disp.get("applicable", True) else None,
+        "halo": halo.get("declared_halo"),
+        "receptive_field": halo.get("measured_trf") or halo.get("measured"),
+        "dice": images[0].get("dice"),
+        "seams": images[0].get("seams"),
+        "validated": (report.get("environment") or {}).get("created"),
+    }
+
+
+def _fmt(values: Any, fmt: str = "{:.3f}") -> str:
+    if values is None:
+        return "n/a"
+    if isinstance(values, list | tuple):
+        return " / ".join(fmt.format(v) if isinstance(v, int | float) else str(v) for v in values)
+    return fmt.format(values) if isinstance(values, int | float) else str(values)
+
+
+def write_readme(folder: Path, entry: ZooEntry, cfg: TrainConfig, checkpoint: Path, report: Any,
+                 export_cfg: ExportConfig) -> Path:
+    """The entry's README.md from its configs and the gate's measurements."""
+    from .checkpoint import load_checkpoint
+
+    _, info = load_checkpoint(checkpoint)
+    fig = _figures(json.loads(Path(report.report_json).read_text())) if report.report_json else {}
+    val = info.extra.get("validation") or {}
+    m = cfg.model
+    assert m is not None
+    dims = f"{m.dims}D"
+    axes = "z, y, x" if m.dims == 3 else "y, x"
+    seams = fig.get("seams") or {}
+    norm_settings = cfg.data.input_normalization
+    lines = [
+        f"# {entry.name}",
+        "",
+        entry.summary,
+        "",
+        f"Package: [`{entry.package_name}`]({entry.package_name}) (bioimage.io model format 0.5, weights: "
+        "PyTorch state dict + TorchScript). Gate evidence: [gate/report.html](gate/report.html).",
+        "",
+        "## Data",
+        "",
+        f"Trained on the embedded `{cfg.data.sample}` sample of tilenorm-bmz (provenance and licence: "
+        "`tilenorm_bmz/data/sample/README.md`), split by region "
+        f"({cfg.data.split.fraction:.0%} train / {1 - cfg.data.split.fraction:.0%} held out along axis "
+        f"{cfg.data.split.axis}). Targets: foreground (object minus its boundary) and the inner boundary of every "
+        "nucleus, from instance labels.",
+        "",
+        "## Training",
+        "",
+        f"U-Net ({dims}, depth {m.depth}, features {m.level_features}, {m.norm.kind}, momentum {m.norm.momentum}), "
+        f"Dice loss, Adam lr {cfg.lr}, {info.step} steps of batch {cfg.batch_size} x {cfg.grad_accumulation} "
+        f"accumulated passes on {list(cfg.data.tile_shape)} tiles with random flips. BatchRenorm schedule: "
+        f"r_max 1, d_max 0 for {cfg.schedule.warmup_steps} steps, then linear to r_max {cfg.schedule.r_max}, "
+        f"d_max {cfg.schedule.d_max} over {cfg.schedule.ramp_steps} steps. Input: {norm_settings.mode} quantile "
+        f"normalization ({norm_settings.lower} / {norm_settings.upper}, clipped). Config: [train.yaml](train.yaml); "
+        f"rebuild with `tilenorm-bmz zoo build {folder.as_posix()}`.",
+        "",
+        f"Validation during training (step {val.get('step', 'n/a')}): Dice "
+        f"{_fmt(list((val.get('dice') or {}).values()) or None)}, train/eval disparity "
+        f"{_fmt(list((val.get('disparity') or {}).values()) or None)} (foreground / boundary).",
+        "",
+        "# Validation",
+        "",
+        f"`tilenorm-bmz validate` on the held-out region ({report.data[0].name if report.data else ''}), "
+        f"{report.created}: **{'accepted' if report.accepted else 'rejected'}**.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| Dice vs labels (foreground / boundary) | {_fmt(fig.get('dice'))} |",
+        f"| tile mismatch max_dist (paper Fig. 3) | {_fmt(fig.get('max_dist'), '{:.2g}')} |",
+        f"| tile mismatch per class | {_fmt(fig.get('tile_mismatch'))} |",
+        f"| train/eval disparity | {_fmt(fig.get('disparity'))} |",
+        f"| halo in the package ({axes}) | {_fmt(fig.get('halo'), '{}')} |",
+        f"| one-sided receptive field | {_fmt(fig.get('receptive_field'), '{}')} |",
+    ]
+    for consumer, value in seams.items():
+        lines.append(f"| max abs(tiled - whole), {consumer} | {_fmt(value, '{:.2g}')} |")
+    lines += [
+        "",
+        "## Use it",
+        "",
+        f"- **ilastik** (Neural Network Classification workflow): load `{entry.package_name}`; ilastik tiles the "
+        "image with the halo written in the package. " + (
+            "The package normalizes with fixed values from the training data (`scale_linear` + clip), identical "
+            "for every tile, so ilastik's tiles agree too (gate row above). Images should come in the intensity "
+            "range of the training data; rescale others to it first."
+            if export_cfg.input_norm == "fixed" else
+            "ilastik computes the package's percentile normalization on every tile on its own, so tiles can "
+            "differ (gate row above); `tilenorm-bmz package --input-norm fixed` avoids that."),
+        f"- **deepImageJ** (Fiji): install the zip with *DeepImageJ Install Model*, then *DeepImageJ Run* on a "
+        f"{dims} image with axes {axes}; TorchScript weights, tiling allowed, halo from the package.",
+        "- **Python**:",
+        "",
+        "```python",
+        "import tifffile",
+        "from tilenorm_bmz.bmz import read_package_model",
+        "from tilenorm_bmz.data import InputNormalization",
+        "from tilenorm_bmz.tiling import TiledPredictor",
+        "",
+        f'model, _, extra = read_package_model("{entry.package_name}")',
+        'image = tifffile.imread("image.tif")[None].astype("float32")        # (1, ' + axes.upper() + ")",
+        'norm = InputNormalization.model_validate(extra["input_normalization"]).fit(image)',
+        f"pred = TiledPredictor(model, tile_shape={list((128,) * m.dims)}, halo={list(fig.get('halo') or [])})"
+        ".predict(norm.apply(image))",
+        "```",
+        "",
+        f"or `tilenorm-bmz predict {entry.package_name} image.tif -o prediction.zarr`.",
+        "",
+        f"Built by tilenorm-bmz {__version__}.",
+    ]
+    path = folder / "README.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
