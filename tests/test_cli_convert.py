@@ -136,3 +136,22 @@ def test_version_and_help() -> None:
     assert result.exit_code == 0 and "tilenorm-bmz" in result.output
     result = runner.invoke(app, ["convert", "--help"])
     assert result.exit_code == 0 and "Examples" in result.output
+
+
+def test_torch_em_checkpoint_with_pickled_loaders_gets_a_recipe(tmp_path, monkeypatch, arch_module) -> None:
+    # torch-em's trainer pickles its datasets into "init": such objects are never unpickled here
+    pkg = tmp_path / "torch_em"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "data.py").write_text("class SegmentationDataset:\n    def __init__(self):\n        self.x = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    ds = importlib.import_module("torch_em.data").SegmentationDataset()
+    net = arch_module.SmallNet(width=4)
+    torch.save({"model_state": net.state_dict(), "init": {"model_class": "cli_arch.SmallNet", "model_kwargs": {},
+                                                         "train_dataset": ds}}, tmp_path / "best.pt")
+    result = runner.invoke(app, ["convert", str(tmp_path / "best.pt"), "-o", str(tmp_path / "o.pt")])
+    assert result.exit_code == 2
+    assert "weights_only=False" in result.output and "slim.pt" in result.output
+    assert not (tmp_path / "o.pt").exists()

@@ -191,7 +191,17 @@ def _load_source(
 
         model, spec, extra = read_package_model(source)
         return model, spec, "bioimageio", extra
-    obj = load_torch_file(source)
+    try:
+        obj = load_torch_file(source)
+    except CheckpointError as e:
+        if "torch_em" in str(e):
+            raise CheckpointError(
+                f"{e}. This is a torch-em checkpoint that pickles its data loaders; where torch-em is installed, "
+                "keep only the network: `c = torch.load(PATH, weights_only=False); torch.save({'model_state': "
+                "c['model_state'], 'init': {'model_class': c['init']['model_class'], 'model_kwargs': "
+                "c['init']['model_kwargs']}}, 'slim.pt')` and convert slim.pt"
+            ) from e
+        raise
     kind = detect_source_kind(source, obj)
     if kind == "checkpoint":
         model, info = load_checkpoint(source)
