@@ -55,6 +55,7 @@ __all__ = [
     "CheckpointInfo",
     "build_model",
     "load_checkpoint",
+    "load_state_strict",
     "load_torch_file",
     "save_checkpoint",
     "state_dict_sha256",
@@ -250,6 +251,26 @@ def _callable_from_source(source: str, name: str, filename: str) -> Any:
     return getattr(module, name)
 
 
+def load_state_strict(model: nn.Module, state: Any, what: str, hint: str = "") -> None:
+    """``model.load_state_dict(state)`` with one clear :class:`CheckpointError` for any mismatch.
+
+    ``what`` starts the message (e.g. ``"x.pt: the weights do not match UNet"``); ``hint`` ends it.
+    """
+    suffix = f". {hint}" if hint else ""
+    try:
+        result = model.load_state_dict(dict(state), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:4])
+        raise CheckpointError(f"{what}: {detail}{suffix}") from e
+    if result.missing_keys or result.unexpected_keys:
+        def few(keys: list[str]) -> str:
+            return f"{keys[:6]}{' ...' if len(keys) > 6 else ''}"
+
+        raise CheckpointError(
+            f"{what}: missing keys {few(result.missing_keys)}, unexpected keys {few(result.unexpected_keys)}{suffix}"
+        )
+
+
 def build_model(spec: ArchitectureSpec) -> nn.Module:
     """Instantiate the (untrained) network described by ``spec``, norm conversion included."""
     if spec.kind == "unet":
@@ -408,16 +429,7 @@ def load_checkpoint(
     except Exception as e:
         raise CheckpointError(f"{p} has an invalid architecture entry: {e}") from e
     model = build_model(spec)
-    try:
-        result = model.load_state_dict(obj["state_dict"], strict=False)
-    except RuntimeError as e:  # shape mismatches
-        detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:4])
-        raise CheckpointError(f"{p}: the weights do not match the architecture {spec.describe()}: {detail}") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{p}: the weights do not match the architecture {spec.describe()}: "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
+    load_state_strict(model, obj["state_dict"], f"{p}: the weights do not match the architecture {spec.describe()}")
     model.to(map_location).eval()
     schedule = obj.get("schedule")
     info = CheckpointInfo(

@@ -70,6 +70,16 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
+def _check_halo(v: int | list[int] | None) -> int | list[int] | None:
+    """A halo override: one non-negative int, or one per spatial axis (2 or 3)."""
+    values = [v] if isinstance(v, int) else (v or [])
+    if any(h < 0 for h in values):
+        raise ValueError(f"halo must be >= 0, got {v}")
+    if isinstance(v, list) and len(v) not in (2, 3):
+        raise ValueError(f"halo needs one value or one per spatial axis (2 or 3), got {len(v)}")
+    return v
+
+
 class StrictModel(BaseModel):
     """Base for all configs: unknown keys are errors, assignments are validated, YAML round-trips."""
 
@@ -341,12 +351,7 @@ class ExportConfig(StrictModel):
     @field_validator("halo")
     @classmethod
     def _halo(cls, v: int | list[int] | None) -> int | list[int] | None:
-        values = [v] if isinstance(v, int) else (v or [])
-        if any(h < 0 for h in values):
-            raise ValueError(f"halo must be >= 0, got {v}")
-        if isinstance(v, list) and len(v) not in (2, 3):
-            raise ValueError(f"halo needs one value or one per spatial axis (2 or 3), got {len(v)}")
-        return v
+        return _check_halo(v)
 
 
 # -- data -----------------------------------------------------------------------------------------------
@@ -791,12 +796,7 @@ class GateConfig(StrictModel):
     @field_validator("halo")
     @classmethod
     def _halo(cls, v: int | list[int] | None) -> int | list[int] | None:
-        values = [v] if isinstance(v, int) else (v or [])
-        if any(h < 0 for h in values):
-            raise ValueError(f"halo must be >= 0, got {v}")
-        if isinstance(v, list) and len(v) not in (2, 3):
-            raise ValueError(f"halo needs one value or one per spatial axis (2 or 3), got {len(v)}")
-        return v
+        return _check_halo(v)
 
     @field_validator("sweep_sizes")
     @classmethod

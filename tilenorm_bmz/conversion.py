@@ -31,12 +31,15 @@ from .checkpoint import (
     architecture_of,
     build_model,
     load_checkpoint,
+    load_state_strict,
     load_torch_file,
     save_checkpoint,
 )
 from .norm import ConversionReport, calibrate_norm, convert_norm
 
-__all__ = ["ConvertedModel", "SourceKind", "convert_source", "detect_source_kind", "model_dims"]
+__all__ = [
+    "ConvertedModel", "SourceKind", "convert_source", "detect_source_kind", "model_dims", "model_in_channels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,17 @@ def model_dims(model: nn.Module) -> int:
     raise ValueError(f"cannot tell the spatial dimensionality of {type(model).__name__}: it has no convolutions")
 
 
+def model_in_channels(model: nn.Module) -> int:
+    """Input channel count of a network: its ``in_channels`` attribute or that of its first convolution."""
+    value = getattr(model, "in_channels", None)
+    if isinstance(value, int):
+        return value
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return int(m.in_channels)
+    raise ValueError(f"cannot tell the input channel count of {type(model).__name__}: it has no convolutions")
+
+
 def _is_bioimageio(path: Path) -> bool:
     if path.is_dir():
         return (path / "rdf.yaml").exists() or (path / "bioimageio.yaml").exists()
@@ -127,17 +141,7 @@ def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        detail = "; ".join(ln.strip() for ln in str(e).splitlines()[1:4])
-        raise ValueError(f"the weights do not fit {what}: {detail}. Check --arch and --arch-kwargs.") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"the weights do not fit {what}: missing keys {result.missing_keys[:6]}"
-            f"{' ...' if len(result.missing_keys) > 6 else ''}, unexpected keys {result.unexpected_keys[:6]}"
-            f"{' ...' if len(result.unexpected_keys) > 6 else ''}. Check --arch and --arch-kwargs."
-        )
+    load_state_strict(model, state, f"the weights do not fit {what}", "Check --arch and --arch-kwargs.")
 
 
 def _foreign_spec(

@@ -139,13 +139,9 @@ def _model_dims(model: nn.Module) -> int:
 
 
 def _in_channels(model: nn.Module) -> int:
-    value = getattr(model, "in_channels", None)
-    if isinstance(value, int):
-        return value
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return int(m.in_channels)
-    raise ValueError(f"cannot tell the input channel count of {type(model).__name__}")
+    from ..conversion import model_in_channels
+
+    return model_in_channels(model)
 
 
 def _out_channels(model: nn.Module, in_channels: int, sizes: Sequence[int]) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import ArchitectureSpec, CheckpointError, build_model, load_torch_file
+from ..checkpoint import ArchitectureSpec, build_model, load_state_strict, load_torch_file
 from ._yaml import load_yaml
 
 __all__ = ["PackageError", "open_package", "read_package_model", "read_rdf", "safe_extract"]
@@ -230,12 +230,7 @@ def read_package_model(source: str | os.PathLike[str]) -> tuple[nn.Module, Archi
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
         model = build_model(spec)
-        result = model.load_state_dict(dict(state), strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(
-                f"{source}: the weights do not fit the architecture {spec.describe()}: missing "
-                f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-            )
+        load_state_strict(model, state, f"{source}: the weights do not fit the architecture {spec.describe()}")
         renorm = _restore_renorm(model, tool)
         model.eval()
         inputs = rdf.get("inputs") or [{}]

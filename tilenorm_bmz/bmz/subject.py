@@ -198,13 +198,12 @@ def _checkpoint_subject(path: Path) -> GateSubject:
 
 
 def _in_channels(model: nn.Module) -> int:
-    value = getattr(model, "in_channels", None)
-    if isinstance(value, int):
-        return value
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return int(m.in_channels)
-    raise GateInputError(f"cannot tell the input channel count of {type(model).__name__}")
+    from ..conversion import model_in_channels
+
+    try:
+        return model_in_channels(model)
+    except ValueError as e:
+        raise GateInputError(str(e)) from e
 
 
 # -- packages --------------------------------------------------------------------------------------------

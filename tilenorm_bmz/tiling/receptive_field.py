@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 Interval = tuple[int, int]
 _AXES = "zyx"
 
-_POINTWISE = (
+_ACTIVATIONS = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -71,6 +71,9 @@ _POINTWISE = (
     nn.GELU,
     nn.SiLU,
     nn.Mish,
+)
+_POINTWISE = (
+    *_ACTIVATIONS,
     nn.Sigmoid,
     nn.Tanh,
     nn.Hardtanh,
@@ -83,18 +86,6 @@ _POINTWISE = (
     nn.Dropout2d,
     nn.Dropout3d,
     nn.AlphaDropout,
-)
-_ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
 )
 _COUPLING_NAMES = ("InstanceNorm", "GroupNorm", "LayerNorm")
 
