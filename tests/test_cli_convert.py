@@ -155,3 +155,33 @@ def test_torch_em_checkpoint_with_pickled_loaders_gets_a_recipe(tmp_path, monkey
     assert result.exit_code == 2
     assert "weights_only=False" in result.output and "slim.pt" in result.output
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_convert_instancenorm_unet_and_calibrate_on_an_image(tmp_path) -> None:
+    import numpy as np
+    import tifffile
+
+    from tilenorm_bmz.data import synthetic_blobs
+
+    image, _ = synthetic_blobs((96, 96), seed=3)
+    tifffile.imwrite(tmp_path / "img.tif", image[0])
+    save_checkpoint(tmp_path / "in.pt", UNet(dims=2, features=4, norm="instancenorm"))
+    result = runner.invoke(app, ["convert", str(tmp_path / "in.pt"), "-o", str(tmp_path / "brn.pt"),
+                                 "--calibrate", str(tmp_path / "img.tif"), "--calibrate-tiles", "6",
+                                 "--tile", "64,64"])
+    assert result.exit_code == 0, result.output
+    assert "calibrated running statistics on 6 tile(s)" in result.output
+    model, info = load_checkpoint(tmp_path / "brn.pt")
+    layers = [m for m in model.modules() if isinstance(m, BatchRenorm)]
+    assert len(layers) == 10 and info.extra["calibrated_batches"] == 6
+    first = layers[0]
+    assert int(first.num_batches_tracked) == 6
+    assert not torch.allclose(first.running_var, torch.ones_like(first.running_var))  # no longer the init
+    assert float(first.r_max) == 1.0 and first.momentum == 0.01  # calibration restored the layer settings
+    # a 3D network cannot be calibrated on a 2D image
+    save_checkpoint(tmp_path / "in3.pt", UNet(dims=3, features=4, norm="groupnorm"))
+    result = runner.invoke(app, ["convert", str(tmp_path / "in3.pt"), "-o", str(tmp_path / "x.pt"),
+                                 "--calibrate", str(tmp_path / "img.tif")])
+    assert result.exit_code == 2 and "spatial axes" in result.output
+    assert not (tmp_path / "x.pt").exists()
+    assert np.isfinite(first.running_mean.numpy()).all()
