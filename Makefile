@@ -6,7 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tilenorm-installed
 
-.PHONY: setup demo test test-all bench clean
+LEGACY_VENV ?= .venv-legacy
+
+.PHONY: setup demo test test-all test-compat bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
+# packages are read by ilastik's bioimage.io stack (core 0.10.2 / spec 0.5.9.1, installed side by side) and
+# export single-file ONNX: the slow bioimage.io tests
+test-compat: setup
+	bash scripts/legacy_env.sh $(LEGACY_VENV)
+	TILENORM_LEGACY_VENV=$(LEGACY_VENV) $(PY) -m pytest -q -p no:cacheprovider -m "slow and bmz" tests/test_bmz_export.py
+
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"
 
@@ -32,4 +40,4 @@ bench: setup
 	cd benchmarks && ../$(PY) bench_batchrenorm.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LEGACY_VENV) build *.egg-info .pytest_cache
