@@ -233,3 +233,18 @@ def test_auto_tile_fits_the_budget_and_the_image():
     assert auto_tile_shape(model, (90, 5000), (HALO, HALO), device="cpu", memory_budget_bytes=budget)[0] == 92
     tiny = auto_tile_shape(model, (5000, 5000), (HALO, HALO), device="cpu", memory_budget_bytes=1)
     assert tiny == (min_tile_size(HALO, 4),) * 2  # never below the smallest valid tile
+
+
+def test_auto_tile_avoids_needless_overlap():
+    # a budget of about 152^2 on a 160^2 image needs 2 tiles per axis either way: the smallest such tile wins
+    from tilenorm_bmz.tiling import Tiling, auto_tile_shape, bytes_per_voxel
+
+    model = _unet(2, "batchrenorm")
+    halo = 24
+    budget = int(bytes_per_voxel(model, 2, device="cpu") * 152 * 152)
+    tile = auto_tile_shape(model, (160, 160), (halo, halo), device="cpu", memory_budget_bytes=budget)
+    assert tile == (104, 104)
+    big = Tiling((160, 160), (152, 152), (halo, halo), (4, 4))
+    small = Tiling((160, 160), tile, (halo, halo), (4, 4))
+    assert len(small) == len(big) == 4
+    assert small.overhead < big.overhead

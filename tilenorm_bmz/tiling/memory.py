@@ -145,6 +145,24 @@ def _linux_peak_growth(fn: Callable[[], object]) -> int | None:
     return max(0, peak - before)
 
 
+def _smallest_equivalent_tile(padded: int, tile: int, halo: int, divisor: int, minimum: int) -> int:
+    """The smallest tile (multiple of ``divisor``, >= ``minimum``) that needs no more tiles along an axis than
+    ``tile``: fewer voxels are computed twice in the overlaps (a 160-voxel axis with halo 24 needs two tiles
+    of 104, not two of 152)."""
+    if tile >= padded:
+        return tile
+    from .blocks import Tiling
+
+    def count(t: int) -> int:
+        return Tiling((padded,), (t,), (halo,), (divisor,)).grid_shape[0]
+
+    target = count(tile)
+    t = max(minimum, divisor)
+    while t < tile and count(t) > target:
+        t += divisor
+    return min(t, tile)
+
+
 def auto_tile_shape(
     model: nn.Module,
     image_shape: Sequence[int],
@@ -172,6 +190,9 @@ def auto_tile_shape(
         tile[a] = max(minimum[a], min(padded[a], (side // div[a]) * div[a]))
         used[a] = min(tile[a], padded[a])
         voxels /= used[a]
+    tile = [_smallest_equivalent_tile(p, t, h, d, m) for p, t, h, d, m in zip(padded, tile, halo, div, minimum,
+                                                                             strict=True)]
+    used = [min(t, p) for t, p in zip(tile, padded, strict=True)]
     result = tuple(tile)
     need = bpv * batch_size * float(np.prod(used))
     if need > budget:
