@@ -8,7 +8,7 @@ STAMP := $(VENV)/.tilenorm-installed
 
 LEGACY_VENV ?= .venv-legacy
 
-.PHONY: setup demo test test-all test-compat bench clean
+.PHONY: setup demo test test-all test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-# packages are read by ilastik's bioimage.io stack (core 0.10.2 / spec 0.5.9.1, installed side by side) and
-# export single-file ONNX: the slow bioimage.io tests
-test-compat: setup
+# the slow tests: the model_zoo packages pass the gate and the bioimage.io tests, the demo runs, packages are
+# read by ilastik's bioimage.io stack (core 0.10.2 / spec 0.5.9.1, installed side by side), ONNX export, dask
+test-slow: setup
 	bash scripts/legacy_env.sh $(LEGACY_VENV)
-	TILENORM_LEGACY_VENV=$(LEGACY_VENV) $(PY) -m pytest -q -p no:cacheprovider -m "slow and bmz" tests/test_bmz_export.py
+	TILENORM_LEGACY_VENV=$(LEGACY_VENV) $(PY) -m pytest -q -p no:cacheprovider -m "slow and not gpu"
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"

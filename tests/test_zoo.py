@@ -71,6 +71,7 @@ def test_gate_data_is_the_held_out_region() -> None:
     assert "358:512" in name and labels.max() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.bmz
 @pytest.mark.skipif(not any((p / "zoo.yaml").exists() for p in ZOO.iterdir()), reason="no zoo entries")
 def test_published_zoo_packages_pass_the_gate_and_bioimageio_tests(tmp_path) -> None:
