@@ -650,13 +650,10 @@ def study(
     in eval and train mode, train/eval disparity, tile mismatch, Dice vs tile size. Writes the Markdown
     table and figures (STUDY.md).
     """
-    import shlex
-    import sys
-
     from .study import StudyConfig, pick_budget, run_study, write_study_report
 
     cfg = StudyConfig.from_yaml(config).resolve_paths(config.resolve().parent)
-    command = "tilenorm-bmz " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    command = f"tilenorm-bmz study {config.as_posix()} --budget {pick_budget(budget)}"  # what reproduces the report
     if report_only:
         path = write_study_report(cfg, budget=pick_budget(budget), command=command)
         console.print(f"wrote {path}")

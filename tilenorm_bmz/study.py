@@ -457,7 +457,9 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
         "only; 'no' when the maximum difference is exactly 0).",
         "",
         f"Produced by tilenorm-bmz {__version__} on {_machine()}. "
-        f"Command: `{command or 'tilenorm-bmz study model_zoo/study.yaml'}`.",
+        f"Command: `{command or 'tilenorm-bmz study model_zoo/study.yaml'}` (finished runs are reused, so it "
+        "can also run in pieces with --dataset / --variant). Training times are wall-clock on a machine shared "
+        "with other jobs.",
         "",
     ]
     for ds in config.datasets:
@@ -486,7 +488,14 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
                 f"| {r.norm} | {r.input_normalization} | {_pair(r.dice_eval)} | {_pair(r.dice_train)} | "
                 f"{_pair(r.disparity)} | {mismatch} | {r.max_dist:.2g} | {t} |"
             )
+        seamless = [r.variant for r in ds_rows if r.seamless]
+        stable = [r.variant for r in ds_rows if r.disparity is not None and max(r.disparity) <= 0.05]
+        both = [v for v in seamless if v in stable]
         lines += [
+            "",
+            f"Seamless (max_dist exactly 0): {', '.join(seamless) or 'none'}. Train/eval disparity <= 0.05 on every "
+            f"class among the networks with running statistics: {', '.join(stable) or 'none'}. Both: "
+            f"**{', '.join(both) or 'none'}**.",
             "",
             "Values are foreground / boundary. Disparity 'n/a': the network has no running statistics, so train "
             f"and eval mode compute the same. Disparity probe: {ds_rows[0].disparity_batch or ''}.",
