@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -19,7 +21,8 @@ def test_demo_runs_the_whole_path(tmp_path) -> None:
     for name in ("train/last.pt", "nuclei2d-demo.bioimageio.zip", "report/report.html", "report/report.json",
                  "prediction.tif"):
         assert (out / name).exists(), name
-    assert "accepted" in result.output and "max |diff| = 0" in result.output
+    assert "accepted" in result.output and "max |diff| = 0:" in result.output
+    assert json.loads((out / "report" / "report.json").read_text())["accepted"] is True
 
 
 def test_a_new_demo_run_removes_only_the_demo_artifacts(tmp_path) -> None:

@@ -918,17 +918,17 @@ def demo(
     console.print(f"[bold]tilenorm-bmz demo[/bold]: training a 2D BatchRenorm U-Net for {steps} steps ...")
     r = run_demo(out, steps=steps, device=device, progress=True)
     dice = ", ".join(f"{k} {v:.3f}" for k, v in r.val_dice.items())
-    table = Table(title="demo artifacts", show_lines=False)
-    table.add_column("step")
-    table.add_column("result")
-    table.add_column("where")
-    table.add_row("train", f"validation Dice {dice} ({r.seconds['train']:.0f} s)", str(r.checkpoint))
-    table.add_row("package", f"bioimage.io tests passed, halo {list(r.halo)} ({r.seconds['package']:.0f} s)",
-                  str(r.package))
-    table.add_row("validate", ("[green]accepted[/green]" if r.accepted else "[red]rejected[/red]")
-                  + f" ({r.seconds['validate']:.0f} s)", str(r.report_html))
-    table.add_row("predict", f"tiled == whole image: max |diff| = {r.tiled_vs_whole:.2g}", str(r.prediction))
-    console.print(table)
+    verdict = "[green]accepted[/green]" if r.accepted else "[red]rejected[/red]"
+    # One line per step, never wrapped or truncated: narrow terminals and logs keep every figure and path whole.
+    lines = [
+        f"train     validation Dice {dice} ({r.seconds['train']:.0f} s): {r.checkpoint}",
+        f"package   bioimage.io tests passed, halo {list(r.halo)} ({r.seconds['package']:.0f} s): {r.package}",
+        f"validate  {verdict} ({r.seconds['validate']:.0f} s): {r.report_html}",
+        f"predict   tiled == whole image: max |diff| = {r.tiled_vs_whole:.2g}: {r.prediction}",
+    ]
+    console.print("[bold]demo artifacts[/bold]")
+    for line in lines:
+        console.print(line, soft_wrap=True)
     if not r.accepted:
         raise typer.Exit(EXIT_REJECTED)
 
