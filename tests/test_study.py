@@ -108,3 +108,35 @@ def test_repository_study_config_is_valid() -> None:
         for v in cfg.variants:
             for budget in ("cpu", "gpu"):
                 variant_config(ds, v, budget)
+
+
+def test_batchnorm_in_train_mode_with_batch_one_is_instancenorm() -> None:
+    """The fact STUDY.md states when BatchNorm's train-mode Dice equals InstanceNorm's: same weights, same output."""
+    import torch
+
+    from tilenorm_bmz.models import UNet
+
+    torch.manual_seed(0)
+    bn = UNet(dims=2, in_channels=1, out_channels=2, depth=1, features=4, norm="batchnorm")
+    inorm = UNet(dims=2, in_channels=1, out_channels=2, depth=1, features=4, norm="instancenorm")
+    inorm.load_state_dict(bn.state_dict(), strict=False)  # IN has no running buffers
+    x = torch.rand(1, 1, 32, 32)
+    bn.train()
+    inorm.eval()
+    torch.testing.assert_close(bn(x), inorm(x), rtol=1e-5, atol=1e-6)
+    bn.eval()
+    assert not torch.allclose(bn(x), inorm(x), atol=1e-3)
+
+
+def test_twin_note_only_when_the_figures_match() -> None:
+    from types import SimpleNamespace
+
+    from tilenorm_bmz.study import _batchnorm_instancenorm_twins
+
+    def row(norm: str, train: list[float], evl: list[float]) -> SimpleNamespace:
+        return SimpleNamespace(norm=norm, input_normalization="global", dice_train=train, dice_eval=evl)
+
+    same = [row("batchnorm", [0.9, 0.4], [0.95, 0.5]), row("instancenorm", [0.9, 0.4], [0.9, 0.4])]
+    assert _batchnorm_instancenorm_twins(same) == ["global"]
+    other = [row("batchnorm", [0.9, 0.4], [0.95, 0.5]), row("instancenorm", [0.8, 0.4], [0.8, 0.4])]
+    assert _batchnorm_instancenorm_twins(other) == []

@@ -514,6 +514,19 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
     return config.report
 
 
+def _batchnorm_instancenorm_twins(rows: list) -> list[str]:
+    """Input normalizations under which BatchNorm (train mode) and InstanceNorm gave identical Dice."""
+    twins = []
+    for bn in rows:
+        if bn.norm != "batchnorm" or bn.dice_train is None:
+            continue
+        for inorm in rows:
+            same = inorm.norm == "instancenorm" and inorm.input_normalization == bn.input_normalization
+            if same and inorm.dice_eval is not None and np.allclose(bn.dice_train, inorm.dice_eval, rtol=0, atol=1e-12):
+                twins.append(bn.input_normalization)
+    return twins
+
+
 _FIGURE_VARIANTS = {
     "mismatch": {"batchrenorm", "instancenorm", "batchnorm-tilewise", "instancenorm-tilewise"},
     "disparity": {"batchnorm", "batchrenorm"},
