@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterator
 
@@ -10,6 +11,10 @@ import pytest
 import torch
 
 from tilenorm_bmz.models import UNet
+
+# Rich sizes the CLI's tables and log lines from the terminal (80 columns when there is none); tests that read
+# the CLI's output must not depend on the width of whatever runs them.
+os.environ["COLUMNS"] = "160"
 
 # Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine spinning OpenMP threads
 # slow them down by 10x: the suite runs single-threaded.
