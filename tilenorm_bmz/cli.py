@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -863,21 +864,22 @@ def zoo_list(
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
-    table = Table(title=f"{root}")
-    for col in ("name", "dims", "norm", "gate", "max_dist", "disparity", "Dice", "halo"):
-        table.add_column(col)
+    # fits 80 columns (disparity: the worst channel; per channel, the halo and the rest: --json)
+    table = Table(title=f"{root}", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for col in ("name", "model", "gate", "max_dist", "disparity", "Dice"):
+        table.add_column(col, no_wrap=col in ("name", "model", "gate"), overflow="fold")
 
-    def fmt(v: Any) -> str:
+    def fmt(v: Any, sep: str = "/") -> str:
         if v is None:
             return "n/a"
         if isinstance(v, list):
-            return " / ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v)
+            return sep.join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v)
         return f"{v:.2g}" if isinstance(v, float) else str(v)
 
     for r in rows:
         gate = {True: "accepted", False: "rejected"}.get(r.get("accepted"), "not built")
-        table.add_row(r["name"], f"{r['dims']}D", str(r["norm"]), gate, fmt(r.get("max_dist")),
-                      fmt(r.get("disparity")), fmt(r.get("dice")), fmt(r.get("halo")))
+        table.add_row(r["name"], f"{r['dims']}D {r['norm']}", gate, fmt(r.get("max_dist")),
+                      f"{max(r['disparity']):.3f}" if r.get("disparity") else "n/a", fmt(r.get("dice")))
     console.print(table)
 
 
