@@ -140,3 +140,28 @@ def test_twin_note_only_when_the_figures_match() -> None:
     assert _batchnorm_instancenorm_twins(same) == ["global"]
     other = [row("batchnorm", [0.9, 0.4], [0.95, 0.5]), row("instancenorm", [0.8, 0.4], [0.8, 0.4])]
     assert _batchnorm_instancenorm_twins(other) == []
+
+
+def test_report_from_the_repository_measurements_explains_the_twins(tmp_path) -> None:
+    """The report is written from measure.json + metrics.csv alone (here: the committed 2D BatchNorm/InstanceNorm)."""
+    import shutil
+    from pathlib import Path
+
+    from tilenorm_bmz.study import write_study_report
+
+    zoo = Path(__file__).resolve().parents[1] / "model_zoo"
+    cfg = StudyConfig.from_yaml(zoo / "study.yaml")
+    cfg = cfg.model_copy(update={
+        "datasets": [d for d in cfg.datasets if d.name == "nuclei2d"],
+        "variants": [v for v in cfg.variants if v.name in ("batchnorm", "instancenorm")],
+        "out_dir": tmp_path / "study", "report": tmp_path / "STUDY.md",
+    })
+    for v in ("batchnorm", "instancenorm"):
+        run = tmp_path / "study" / "nuclei2d" / v
+        run.mkdir(parents=True)
+        for name in ("measure.json", "metrics.csv"):
+            shutil.copy(zoo / "study" / "nuclei2d" / v / name, run / name)
+    text = write_study_report(cfg, budget="cpu").read_text()
+    assert "| batchnorm | global |" in text and "| instancenorm | global |" in text
+    assert "BatchNorm's train-mode Dice equals InstanceNorm's Dice exactly (global input normalization)" in text
+    assert (tmp_path / "STUDY_figures" / "nuclei2d_sweep.png").exists()

@@ -122,9 +122,13 @@ def test_ctrl_c_saves_the_last_completed_step_and_resumes_exactly(tmp_path) -> N
     assert result.interrupted and result.step == 3
     _, info = load_checkpoint(tmp_path / "b" / "last.pt")
     assert info.step == 3
+    before = info.extra["train_seconds"]  # the time spent survives the interruption
+    assert before > 0
     resumed = Trainer.resume(tmp_path / "b" / "last.pt")
     resumed.fit()
     assert _states_equal(straight.model.state_dict(), resumed.model.state_dict())
+    _, info = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert info.extra["train_seconds"] > before
 
 
 def test_other_norm_kinds_train(tmp_path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -350,13 +349,9 @@ def _train_run(cfg: TrainConfig, run_dir: Path, base_dir: Path | None, device: s
     else:
         trainer = Trainer(cfg, run_dir, base_dir=base_dir, device=device, progress=progress)
     trainer.extra["study_budget"] = budget
-    elapsed = float(trainer.extra.get("train_seconds") or 0.0)
-    t0 = time.perf_counter()
-    result = trainer.fit()
+    result = trainer.fit()  # keeps the wall-clock training time in every checkpoint, across resumes
     if result.interrupted:
         raise KeyboardInterrupt
-    trainer.extra["train_seconds"] = elapsed + time.perf_counter() - t0
-    trainer.save("last.pt")
     return result.last, trainer.extra["train_seconds"]
 
 
@@ -458,8 +453,9 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
         "",
         f"Produced by tilenorm-bmz {__version__} on {_machine()}. "
         f"Command: `{command or 'tilenorm-bmz study model_zoo/study.yaml'}` (finished runs are reused, so it "
-        "can also run in pieces with --dataset / --variant). Training times are wall-clock on a machine shared "
-        "with other jobs.",
+        "can also run in pieces with --dataset / --variant). Training time: the sum of the step times logged in "
+        "each run's metrics.csv (validation excluded; it survives interrupted and resumed runs), on a machine "
+        "shared with other jobs.",
         "",
     ]
     for ds in config.datasets:
@@ -483,7 +479,7 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
         ]
         for r in ds_rows:
             mismatch = "no" if r.seamless else _pair(r.mismatch)
-            t = _duration(r.train_seconds)
+            t = _duration(_step_seconds(config.out_dir / ds.name / r.variant / "metrics.csv"))
             lines.append(
                 f"| {r.norm} | {r.input_normalization} | {_pair(r.dice_eval)} | {_pair(r.dice_train)} | "
                 f"{_pair(r.disparity)} | {mismatch} | {r.max_dist:.2g} | {t} |"
@@ -501,6 +497,17 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
             f"and eval mode compute the same. Disparity probe: {ds_rows[0].disparity_batch or ''}.",
             "",
         ]
+        twins = _batchnorm_instancenorm_twins(ds_rows)
+        if twins:
+            lines += [
+                "BatchNorm's train-mode Dice equals InstanceNorm's Dice exactly "
+                f"({' and '.join(twins)} input normalization): with batch size 1, BatchNorm in train mode normalizes "
+                "each channel over the tile's spatial axes, which is InstanceNorm with an affine transform; both "
+                "variants start from the same seed and see the same tiles in the same order, so they train to the "
+                "same network. BatchNorm differs only in eval mode, where its running statistics replace the "
+                "tile's: that difference is the train/eval disparity.",
+                "",
+            ]
         sweep_png = figures / f"{ds.name}_sweep.png"
         _sweep_plot(ds_rows, sweep_png)
         lines += [f"![Dice vs tile size, {ds.name}]({rel}/{sweep_png.name})", ""]
@@ -531,6 +538,16 @@ _FIGURE_VARIANTS = {
     "mismatch": {"batchrenorm", "instancenorm", "batchnorm-tilewise", "instancenorm-tilewise"},
     "disparity": {"batchnorm", "batchrenorm"},
 }
+
+
+def _step_seconds(metrics_csv: Path) -> float | None:
+    """Sum of the step times a run logged (None when the run left no log)."""
+    import csv
+
+    if not metrics_csv.exists():
+        return None
+    with metrics_csv.open(newline="") as f:
+        return sum(float(row["seconds"]) for row in csv.DictReader(f) if row.get("seconds"))
 
 
 def _duration(seconds: float | None) -> str:

@@ -191,6 +191,7 @@ class Trainer:
         self.device = resolve_device(device or config.device)
         self.progress = progress
         self.extra = dict(extra or {})
+        self._clock: tuple[float, float] | None = None  # (fit start, train_seconds before it) while fitting
         self.base_dir = Path(base_dir) if base_dir is not None else None
         self.data: TrainingData = build_training_data(config.data, base_dir=base_dir, progress=False)
         if model is None:
@@ -304,6 +305,9 @@ class Trainer:
 
     def _checkpoint_extra(self, sampler_state: dict[str, Any] | None = None) -> dict[str, Any]:
         extra = dict(self.extra)
+        if self._clock is not None:  # wall-clock training time so far, across resumes and interruptions
+            started, before = self._clock
+            extra["train_seconds"] = before + time.perf_counter() - started
         extra.update(
             train_config=self.config.model_dump(mode="json"),
             input_normalization=self.config.data.input_normalization.model_dump(mode="json"),
@@ -417,6 +421,7 @@ class Trainer:
         cfg.to_yaml(self.out_dir / "config.yaml")
         interrupted = False
         started = time.perf_counter()
+        self._clock = (started, float(self.extra.get("train_seconds") or 0.0))
         with _progress_bar(self.progress, total=target, completed=self.step) as bar:
             while self.step < target:
                 snapshot = self._snapshot()
@@ -449,6 +454,8 @@ class Trainer:
                     on_step(log)
         if not (self.out_dir / "last.pt").exists():
             self.save("last.pt")
+        self.extra["train_seconds"] = self._clock[1] + time.perf_counter() - started
+        self._clock = None
         logger.info("trained to step %d in %.1f s", self.step, time.perf_counter() - started)
         best = self.out_dir / "best.pt"
         return TrainResult(self.out_dir, self.out_dir / "last.pt", best if best.exists() else None, self.step,
