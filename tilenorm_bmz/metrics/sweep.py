@@ -80,13 +80,13 @@ class SweepResult(MetricResult):
 
 
 def _default_factory(
-    model: Predictor, halo: tuple[int, ...], batch_size: int, device: torch.device
+    model: Predictor, halo: tuple[int, ...], batch_size: int, device: torch.device, divisor: tuple[int, ...]
 ) -> PredictorFactory:
     from tilenorm_bmz.tiling import TiledPredictor  # lazy: metrics work without the tiling module loaded
 
     def make(tile_shape: tuple[int, ...]) -> Callable[[np.ndarray], ArrayLike]:
         predictor = TiledPredictor(
-            model, tile_shape=tile_shape, halo=halo, batch_size=batch_size, device=device
+            model, tile_shape=tile_shape, halo=halo, batch_size=batch_size, device=device, divisor=divisor
         )
         return predictor.predict
 
@@ -193,7 +193,7 @@ def tile_size_sweep(
             "tile_size_sweep tiles with TiledPredictor, which needs a torch.nn.Module; for another predictor "
             "pass predictor_factory=(tile_shape -> (image -> prediction))"
         )
-    factory = predictor_factory or _default_factory(model, halos, batch_size, dev)
+    factory = predictor_factory or _default_factory(model, halos, batch_size, dev, div)
 
     largest = shapes[-1]
     points: list[SweepPoint] = []

@@ -240,12 +240,15 @@ class TiledPredictor:
         """Output channels (``model.out_channels``, else found by one forward pass of a small input)."""
         if self._out_channels is None:
             c = self.in_channels or 1
-            probe = np.zeros((1, c, *self.divisor), np.float32)
+            # the smallest valid size can be too small for a network with more pooling than its declared
+            # divisor tells (e.g. a package's step): probe with at least 16 voxels per axis
+            size = tuple(d * -(-16 // d) for d in self.divisor)
+            probe = np.zeros((1, c, *size), np.float32)
             try:
                 self._out_channels = int(self._forward(probe).shape[1])
             except RuntimeError as e:
                 raise ValueError(
-                    f"could not run the model on a ({c}, {', '.join(map(str, self.divisor))}) probe to find "
+                    f"could not run the model on a ({c}, {', '.join(map(str, size))}) probe to find "
                     f"its output channels: {e}"
                 ) from e
         return self._out_channels
