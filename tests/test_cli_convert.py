@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -185,3 +186,48 @@ def test_convert_instancenorm_unet_and_calibrate_on_an_image(tmp_path) -> None:
     assert result.exit_code == 2 and "spatial axes" in result.output
     assert not (tmp_path / "x.pt").exists()
     assert np.isfinite(first.running_mean.numpy()).all()
+
+
+@pytest.mark.bmz
+def test_monai_unet_state_dict_converts_and_packages(tmp_path) -> None:
+    """A MONAI UNet (BatchNorm) from its state dict: convert -> BatchRenorm checkpoint -> bioimage.io package."""
+    import numpy as np
+
+    pytest.importorskip("monai.networks.nets")
+    from monai.networks.nets import UNet as MonaiUNet
+
+    from tilenorm_bmz.bmz import read_package_model
+
+    kwargs = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2],
+              "num_res_units": 0, "norm": "batch"}
+    net = MonaiUNet(**kwargs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # statistics as after training
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    net.eval()
+    torch.save(net.state_dict(), tmp_path / "monai.pt")
+
+    result = runner.invoke(app, ["convert", str(tmp_path / "monai.pt"), "--arch", "monai.networks.nets:UNet",
+                                 "--arch-kwargs", json.dumps(kwargs), "-o", str(tmp_path / "brn.pt")])
+    assert result.exit_code == 0, _output(result)
+    model, info = load_checkpoint(tmp_path / "brn.pt")
+    assert sum(isinstance(m, BatchRenorm) for m in model.modules()) == 4
+    assert info.architecture.divisor == (4, 4) and model.divisor == (4, 4)  # from its strides, kept
+    x = torch.rand(1, 1, 64, 48)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)  # BatchNorm -> BatchRenorm: same in eval
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "sample.npy", (rng.random((96, 80)) * 500 + 50).astype("float32"))
+    result = runner.invoke(app, ["package", str(tmp_path / "brn.pt"), "-o", str(tmp_path / "monai.zip"),
+                                 "--sample", str(tmp_path / "sample.npy"), "--name", "monai unet",
+                                 "--author", "A. Developer", "--skip-gate"])
+    assert result.exit_code == 0, _output(result)
+    packaged, _, _ = read_package_model(tmp_path / "monai.zip")
+    packaged.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(packaged(x), net(x), rtol=1e-6, atol=1e-6)

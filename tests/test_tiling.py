@@ -248,3 +248,24 @@ def test_auto_tile_avoids_needless_overlap():
     small = Tiling((160, 160), tile, (halo, halo), (4, 4))
     assert len(small) == len(big) == 4
     assert small.overhead < big.overhead
+
+
+def test_infer_divisor_from_strides_and_its_errors():
+    monai = pytest.importorskip("monai.networks.nets")
+    from tilenorm_bmz.tiling import infer_divisor
+
+    net = monai.UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=(2, 4, 8),
+                     strides=((1, 2, 2), (2, 2, 2)), num_res_units=0)
+    assert infer_divisor(net, 3) == (2, 4, 4)
+    assert infer_divisor(_unet(2, "batchnorm"), 2) == (4, 4)
+
+    class Shrinks(nn.Module):  # a valid convolution: the output is smaller than the input
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match="--divisor"):
+        infer_divisor(Shrinks(), 2)

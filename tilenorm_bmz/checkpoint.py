@@ -88,6 +88,8 @@ class ArchitectureSpec(BaseModel):
     norm_conversion: Literal["batchrenorm"] | None = None
     """Apply ``convert_norm(to=...)`` after construction (foreign networks with converted norm layers)."""
     convert_dims: int | None = None
+    divisor: tuple[int, ...] | None = None
+    """Spatial size divisor per axis, for a network that does not expose ``divisor`` itself (set on it)."""
 
     def describe(self) -> str:
         if self.kind == "unet":
@@ -293,6 +295,8 @@ def build_model(spec: ArchitectureSpec) -> nn.Module:
         from .norm import convert_norm
 
         convert_norm(model, to=spec.norm_conversion, inplace=True, dims=spec.convert_dims)
+    if spec.divisor and getattr(model, "divisor", None) is None:
+        model.divisor = tuple(spec.divisor)  # what tiling, export and the gate read
     model._tilenorm_architecture = spec  # type: ignore[assignment]  # remembered for re-saving
     return model
 

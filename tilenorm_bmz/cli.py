@@ -150,6 +150,9 @@ def convert(
     calibrate_tiles: Annotated[int, typer.Option(help="Number of random tiles for calibration.")] = 32,
     tile: Annotated[str | None, typer.Option(help="Calibration tile shape, e.g. 64,64,64 (default: 64^3 / 256^2).")] = None,
     finetune: Annotated[Path | None, typer.Option(help="Fine-tune the converted model with this training config (YAML).")] = None,
+    divisor: Annotated[str | None, typer.Option(help="Size divisor per spatial axis of a network that does not "
+                                                "expose one, e.g. 4,4 (default: the product of its strides, "
+                                                "checked by a forward pass).")] = None,
     show: Annotated[bool, typer.Option("--show", help="Print every converted layer.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
@@ -171,6 +174,7 @@ def convert(
         calibrate=list(calibrate or []),
         calibrate_tiles=calibrate_tiles,
         tile_shape=parse_shape(tile, "--tile"),
+        divisor=parse_shape(divisor, "--divisor"),
     )
     report = result.report
     if show or report.skipped:
@@ -461,6 +465,9 @@ def package(
                                                           "config's authors).")] = None,
     sample: Annotated[Path | None, typer.Option(help="Raw image for the test tensors and cover (default: the "
                                                      "checkpoint's validation image).")] = None,
+    divisor: Annotated[str | None, typer.Option(help="Size divisor per spatial axis for a network that does not "
+                                                "expose one, e.g. 4,4 (default: from the checkpoint, else the "
+                                                "product of its strides, checked).")] = None,
     halo: Annotated[str | None, typer.Option(help="Halo override: one int or one per axis (z,y,x); default from "
                                                   "the receptive field.")] = None,
     input_norm: Annotated[str | None, typer.Option("--input-norm", help="percentile (per-image scale_range, as "
@@ -519,7 +526,8 @@ def package(
 
     try:
         result = export_package(checkpoint, output, export_config=cfg, sample=sample_data, overwrite=overwrite,
-                                gate=gate, gate_results=gate_results, progress=True)
+                                gate=gate, gate_results=gate_results, divisor=parse_shape(divisor, "--divisor"),
+                                progress=True)
     except PackageRejected as e:
         print_error(str(e))
         if e.result.test is not None:

@@ -278,6 +278,7 @@ def convert_source(
     calibrate_tiles: int = 32,
     tile_shape: tuple[int, ...] | None = None,
     device: str | torch.device = "cpu",
+    divisor: Sequence[int] | None = None,
 ) -> ConvertedModel:
     """Load any supported source, convert its norm layers to BatchRenorm, optionally calibrate.
 
@@ -290,6 +291,9 @@ def convert_source(
     calibrate
         Images to recompute the running statistics on (global quantile normalization as the model was
         trained, random tiles of ``tile_shape``).
+    divisor
+        Spatial size divisor per axis of a network that does not expose one (default: inferred from its
+        strides and checked, see :func:`tilenorm_bmz.tiling.infer_divisor`); stored in the checkpoint.
     """
     source = Path(source)
     model, spec, kind, extra = _load_source(
@@ -298,6 +302,10 @@ def convert_source(
     dims = model_dims(model)
     converted, report = convert_norm(model, to="batchrenorm", inplace=True, dims=dims)
     new_spec = _with_conversion(spec, converted)
+    if getattr(converted, "divisor", None) is None:
+        new_spec = _with_divisor(new_spec, converted, dims, divisor)
+    elif divisor is not None and tuple(divisor) != tuple(converted.divisor):
+        raise ValueError(f"--divisor {tuple(divisor)} differs from the network's own divisor {tuple(converted.divisor)}")
     converted._tilenorm_architecture = new_spec  # type: ignore[assignment]
     if not report.converted and not any(True for _ in _brn_layers(converted)):
         logger.warning("%s has no normalization layers to convert", source)
@@ -318,6 +326,26 @@ def convert_source(
         result.calibrated_batches = calibrate_norm(converted, batches, device=device)
         converted.cpu()
     return result
+
+
+def _with_divisor(spec: ArchitectureSpec, model: nn.Module, dims: int,
+                  divisor: Sequence[int] | None) -> ArchitectureSpec:
+    """Record the size divisor of a network that does not expose one (given, else inferred) and set it on it."""
+    from .tiling import infer_divisor
+
+    if divisor is not None:
+        div = tuple(int(d) for d in divisor)
+        if len(div) != dims or min(div) < 1:
+            raise ValueError(f"--divisor needs {dims} positive ints for a {dims}D network, got {divisor}")
+    else:
+        try:
+            div = infer_divisor(model, dims)
+        except ValueError as e:
+            logger.warning("%s; tiling will assume 1 until it is given", e)
+            return spec
+        logger.info("size divisor %s (product of the network's strides, checked by forward passes)", div)
+    model.divisor = div
+    return spec.model_copy(update={"divisor": div})
 
 
 def _brn_layers(model: nn.Module) -> Iterator[nn.Module]:

@@ -330,8 +330,13 @@ def export_package(
         axes = ["z", "y", "x"][3 - dims:]
         in_ch = _in_channels(model)
         div = tuple(int(d) for d in (divisor or getattr(model, "divisor", None) or ()))
-        if len(div) != dims:
-            raise ValueError(f"{type(model).__name__} does not expose its size divisor: pass divisor=(...) per axis")
+        if not div:
+            from ..tiling import infer_divisor
+
+            div = infer_divisor(model, dims, in_ch)  # a clear error (what to pass) when it cannot tell
+            logger.info("size divisor %s: the product of the network's strides, checked", div)
+        if len(div) != dims or min(div) < 1:
+            raise ValueError(f"the size divisor needs {dims} positive ints for a {dims}D network, got {div}")
         spec = architecture_of(model) or (info.architecture if info else None)
         trained_norm = info.norm_kind if info else (getattr(model, "norm_kind", None) or
                                                    (spec.norm_conversion if spec else None))

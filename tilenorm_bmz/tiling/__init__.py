@@ -14,7 +14,7 @@ from .blocks import AxisTiling, Block, Tiling, max_inner_size, min_tile_size
 from .distributed import local_client, predict_dask
 from .memory import auto_tile_shape, bytes_per_voxel, memory_budget
 from .pipeline import PredictionSummary, predict_file
-from .predictor import TiledPredictor, forward_whole, model_divisor, resolve_device
+from .predictor import TiledPredictor, forward_whole, infer_divisor, model_divisor, resolve_device
 from .receptive_field import (
     RFReport,
     analytic_receptive_field,
@@ -35,6 +35,7 @@ __all__ = [
     "auto_tile_shape",
     "bytes_per_voxel",
     "forward_whole",
+    "infer_divisor",
     "local_client",
     "max_inner_size",
     "memory_budget",

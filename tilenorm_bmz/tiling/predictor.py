@@ -28,7 +28,7 @@ from torch import nn
 
 from .blocks import Block, Tiling, ceil_to
 
-__all__ = ["TiledPredictor", "forward_whole", "model_divisor", "resolve_device"]
+__all__ = ["TiledPredictor", "forward_whole", "infer_divisor", "model_divisor", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,59 @@ def model_divisor(model: nn.Module, dims: int, divisor: int | Sequence[int] | No
     if own_t is not None and any(d % o for d, o in zip(div, own_t, strict=True)):
         raise ValueError(f"divisor {div} is not a multiple of the model's own size divisor {own_t}")
     return div
+
+
+def _per_axis(value: Any, dims: int) -> tuple[int, ...] | None:
+    if isinstance(value, int):
+        return (value,) * dims
+    t = tuple(int(v) for v in value)
+    return t if len(t) == dims else None
+
+
+def infer_divisor(model: nn.Module, dims: int, in_channels: int | None = None) -> tuple[int, ...]:
+    """The size divisor of a network that does not expose one (a MONAI or hand-written U-Net).
+
+    The product, per axis, of the strides of its downsampling layers (strided convolutions, max and average
+    pooling; transposed convolutions upsample and are left out), confirmed by forward passes of two sizes
+    that are multiples of it: the output must keep the input's spatial size. Raises ``ValueError`` with
+    what to do when the network does not behave that way (then pass the divisor explicitly).
+    """
+    from ..conversion import model_in_channels
+
+    div = [1] * dims
+    for m in model.modules():
+        downsampling = isinstance(m, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AvgPoolNd) or (
+            isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+        )
+        stride = _per_axis(m.stride, dims) if downsampling and m.stride is not None else None
+        if stride is not None:
+            div = [d * s for d, s in zip(div, stride, strict=True)]
+    found = tuple(div)
+    c = in_channels or model_in_channels(model)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        for k in (0, 1):  # two sizes: at least 32 voxels and 2x the divisor per axis, then one divisor more
+            size = tuple(d * (max(2, -(-32 // d)) + k) for d in found)
+            with torch.no_grad():
+                out = model(torch.zeros((1, c, *size), device=device))
+            if not isinstance(out, torch.Tensor) or tuple(out.shape[2:]) != size:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(
+                    f"cannot tell the size divisor of {type(model).__name__}: the product of its strides is {found}, "
+                    f"but an input of spatial size {size} gave an output of {got}; pass the divisor explicitly "
+                    "(--divisor, one int per axis)"
+                )
+    except RuntimeError as e:
+        raise ValueError(
+            f"cannot tell the size divisor of {type(model).__name__} (strides give {found}, and a forward pass "
+            f"failed: {e}); pass the divisor explicitly (--divisor, one int per axis)"
+        ) from e
+    finally:
+        model.train(was_training)
+    return found
 
 
 def _autocast_dtype(autocast: bool | str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
