@@ -48,7 +48,8 @@ def randomize_norm_stats(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
             if getattr(m, "running_mean", None) is not None:
                 m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            if getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+            # norm layers' affine parameters (not e.g. PReLU's slope, which has a 1-d weight and no bias)
+            if getattr(m, "weight", None) is not None and m.weight.dim() == 1 and getattr(m, "bias", None) is not None:
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.2 - 0.1)
     return model

@@ -200,14 +200,7 @@ def test_monai_unet_state_dict_converts_and_packages(tmp_path) -> None:
 
     kwargs = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 8, 16], "strides": [2, 2],
               "num_res_units": 0, "norm": "batch"}
-    net = MonaiUNet(**kwargs)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # statistics as after training
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    net.eval()
+    net = randomize_norm_stats(MonaiUNet(**kwargs)).eval()  # statistics as after training
     torch.save(net.state_dict(), tmp_path / "monai.pt")
 
     result = runner.invoke(app, ["convert", str(tmp_path / "monai.pt"), "--arch", "monai.networks.nets:UNet",

@@ -118,13 +118,7 @@ def test_monai_unet_with_its_measured_halo():
         num_res_units=0,
         norm="batch",
     )
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    net.eval()
+    randomize_norm_stats(net).eval()
     rf = receptive_field(net, 2, divisor=4, n_samples=2)
     assert rf.method == "numerical" and not rf.normalization_couples_tile
     x = _image((1, 100, 90))

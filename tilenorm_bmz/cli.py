@@ -877,11 +877,11 @@ def zoo_list(
     for col in ("name", "model", "gate", "max_dist", "disparity", "Dice"):
         table.add_column(col, no_wrap=col in ("name", "model", "gate"), overflow="fold")
 
-    def fmt(v: Any, sep: str = "/") -> str:
+    def fmt(v: Any) -> str:
         if v is None:
             return "n/a"
         if isinstance(v, list):
-            return sep.join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v)
+            return "/".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v)
         return f"{v:.2g}" if isinstance(v, float) else str(v)
 
     for r in rows:

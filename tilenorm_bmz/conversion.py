@@ -331,12 +331,10 @@ def convert_source(
 def _with_divisor(spec: ArchitectureSpec, model: nn.Module, dims: int,
                   divisor: Sequence[int] | None) -> ArchitectureSpec:
     """Record the size divisor of a network that does not expose one (given, else inferred) and set it on it."""
-    from .tiling import infer_divisor
+    from .tiling import infer_divisor, model_divisor
 
     if divisor is not None:
-        div = tuple(int(d) for d in divisor)
-        if len(div) != dims or min(div) < 1:
-            raise ValueError(f"--divisor needs {dims} positive ints for a {dims}D network, got {divisor}")
+        div = model_divisor(model, dims, divisor)  # checked: one positive int per axis
     else:
         try:
             div = infer_divisor(model, dims)

@@ -329,14 +329,13 @@ def export_package(
             raise ValueError(f"bioimage.io packages are written for 2D and 3D networks; this one is {dims}D")
         axes = ["z", "y", "x"][3 - dims:]
         in_ch = _in_channels(model)
-        div = tuple(int(d) for d in (divisor or getattr(model, "divisor", None) or ()))
-        if not div:
-            from ..tiling import infer_divisor
+        from ..tiling import infer_divisor, model_divisor
 
+        if divisor is None and getattr(model, "divisor", None) is None:
             div = infer_divisor(model, dims, in_ch)  # a clear error (what to pass) when it cannot tell
             logger.info("size divisor %s: the product of the network's strides, checked", div)
-        if len(div) != dims or min(div) < 1:
-            raise ValueError(f"the size divisor needs {dims} positive ints for a {dims}D network, got {div}")
+        else:
+            div = model_divisor(model, dims, divisor)  # checks the given one against the network's own
         spec = architecture_of(model) or (info.architecture if info else None)
         trained_norm = info.norm_kind if info else (getattr(model, "norm_kind", None) or
                                                    (spec.norm_conversion if spec else None))

@@ -111,7 +111,7 @@ def infer_divisor(model: nn.Module, dims: int, in_channels: int | None = None) -
     model.eval()
     try:
         for k in (0, 1):  # two sizes: at least 32 voxels and 2x the divisor per axis, then one divisor more
-            size = tuple(d * (max(2, -(-32 // d)) + k) for d in found)
+            size = tuple(max(2 * d, ceil_to(32, d)) + k * d for d in found)
             with torch.no_grad():
                 out = model(torch.zeros((1, c, *size), device=device))
             if not isinstance(out, torch.Tensor) or tuple(out.shape[2:]) != size:
@@ -295,7 +295,7 @@ class TiledPredictor:
             c = self.in_channels or 1
             # the smallest valid size can be too small for a network with more pooling than its declared
             # divisor tells (e.g. a package's step): probe with at least 16 voxels per axis
-            size = tuple(d * -(-16 // d) for d in self.divisor)
+            size = tuple(ceil_to(16, d) for d in self.divisor)
             probe = np.zeros((1, c, *size), np.float32)
             try:
                 self._out_channels = int(self._forward(probe).shape[1])

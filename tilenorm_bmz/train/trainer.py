@@ -306,8 +306,7 @@ class Trainer:
     def _checkpoint_extra(self, sampler_state: dict[str, Any] | None = None) -> dict[str, Any]:
         extra = dict(self.extra)
         if self._clock is not None:  # wall-clock training time so far, across resumes and interruptions
-            started, before = self._clock
-            extra["train_seconds"] = before + time.perf_counter() - started
+            extra["train_seconds"] = self._train_seconds()
         extra.update(
             train_config=self.config.model_dump(mode="json"),
             input_normalization=self.config.data.input_normalization.model_dump(mode="json"),
@@ -330,6 +329,12 @@ class Trainer:
         if last is not None:
             extra["validation"] = {"step": last.step, "dice": last.val_dice, "disparity": last.disparity}
         return extra
+
+    def _train_seconds(self) -> float:
+        """Wall-clock training time: what earlier runs recorded plus this ``fit`` so far."""
+        assert self._clock is not None, "only while fitting"
+        started, before = self._clock
+        return before + time.perf_counter() - started
 
     def save(self, name: str = "last.pt", sampler_state: dict[str, Any] | None = None) -> Path:
         path = save_checkpoint(
@@ -454,7 +459,7 @@ class Trainer:
                     on_step(log)
         if not (self.out_dir / "last.pt").exists():
             self.save("last.pt")
-        self.extra["train_seconds"] = self._clock[1] + time.perf_counter() - started
+        self.extra["train_seconds"] = self._train_seconds()
         self._clock = None
         logger.info("trained to step %d in %.1f s", self.step, time.perf_counter() - started)
         best = self.out_dir / "best.pt"
