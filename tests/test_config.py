@@ -42,3 +42,26 @@ def test_messages_say_what_to_change() -> None:
 def test_missing_config_file(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         UNetConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_vocabularies_are_defined_once() -> None:
+    import typing
+
+    from tilenorm_bmz import config, models
+    from tilenorm_bmz.models import unet
+
+    assert config.NORM_KINDS == typing.get_args(config.NormKind)
+    assert models.NORM_KINDS is config.NORM_KINDS
+    # models/unet.py ships standalone (torch only), so it spells the names out; they must agree
+    assert unet.NORM_KINDS == config.NORM_KINDS
+    assert config.GATE_CHECKS == typing.get_args(config.GateCheck)
+    assert config.GATE_CONSUMERS == typing.get_args(config.GateConsumer)
+
+
+def test_config_does_not_import_data() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, tilenorm_bmz.config; print(any(m.startswith('tilenorm_bmz.data') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -47,7 +47,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from .._version import __version__
-from ..config import GateConfig
+from ..config import GATE_CONSUMERS, GateConfig
 from ..metrics import (
     DisparityResult,
     HaloSufficiencyResult,
@@ -621,7 +621,7 @@ def validate_package(
         checks.append(where(disparities.index(disp_worst), check))
     ours_all = consumer_runs.get("tilenorm-bmz", [])
     ours = _worst(ours_all, lambda r: r.max_abs_diff)
-    for consumer in ("tilenorm-bmz", "bioimageio.core", "ilastik"):
+    for consumer in GATE_CONSUMERS:
         runs = consumer_runs.get(consumer)
         if runs:
             worst = _worst(runs, lambda r: r.max_abs_diff)

@@ -1,5 +1,6 @@
 """Network architectures."""
 
-from .unet import NORM_KINDS, UNet, make_norm
+from ..config import NORM_KINDS
+from .unet import UNet, make_norm
 
 __all__ = ["NORM_KINDS", "UNet", "make_norm"]

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 __all__ = ["NORM_KINDS", "UNet", "make_norm"]
 
+# The names of tilenorm_bmz.config.NormKind (the definition). Spelled out here because this file ships
+# verbatim, importing only torch, as the architecture of packages; a test checks that the two agree.
 NORM_KINDS = ("batchrenorm", "batchnorm", "instancenorm", "groupnorm", "none")
 _ACTIVATIONS = ("sigmoid", "softmax", "none")
 
