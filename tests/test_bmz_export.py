@@ -15,17 +15,18 @@ import pytest
 import torch
 
 from tilenorm_bmz.bmz import (
-    PackageError,
     PackageRejected,
     check_compatibility,
     export_package,
     read_package_model,
 )
 from tilenorm_bmz.bmz._yaml import load_yaml
-from tilenorm_bmz.bmz.geometry import package_geometry, round_halo
+from tilenorm_bmz.bmz.geometry import package_geometry
 from tilenorm_bmz.checkpoint import ArchitectureSpec, build_model, load_checkpoint, save_checkpoint
 from tilenorm_bmz.config import ExportConfig
 from tilenorm_bmz.conversion import convert_source
+from tilenorm_bmz.errors import IntegrityError, TrustError
+from tilenorm_bmz.introspect import round_halo
 from tilenorm_bmz.models import UNet
 
 from .conftest import randomize_norm_stats
@@ -257,14 +258,18 @@ class TinyNet(nn.Module):
 def test_foreign_architecture_from_source(tmp_path: Path) -> None:
     spec = ArchitectureSpec(kind="source", source_code=FOREIGN_SOURCE, source_name="tiny_net.py", callable="TinyNet",
                             kwargs={"channels": 4}, norm_conversion="batchrenorm", convert_dims=2)
-    model = randomize_norm_stats(build_model(spec)).eval()
+    model = randomize_norm_stats(build_model(spec, trust_code=True)).eval()
     ckpt = save_checkpoint(tmp_path / "foreign.pt", model, architecture=spec)
+    with pytest.raises(TrustError, match="--trust-code"):  # a stored source runs only when trusted
+        export_package(ckpt, tmp_path / "f.zip", export_config=CFG, sample=blobs((64, 64)), divisor=(1, 1))
     result = export_package(ckpt, tmp_path / "f.zip", export_config=CFG, sample=blobs((64, 64)),
-                            divisor=(1, 1), weight_formats=["pytorch_state_dict"])
+                            divisor=(1, 1), weight_formats=["pytorch_state_dict"], trust_code=True)
     assert result.test is not None and result.test.passed, result.test.markdown
     rdf = rdf_of(result.package)
-    assert rdf["weights"]["pytorch_state_dict"]["architecture"]["callable"] == "tilenorm_exported_network"
-    back, back_spec, _ = read_package_model(result.package)
+    assert rdf["weights"]["pytorch_state_dict"]["architecture"]["callable"] == "TilenormExportedNetwork"
+    with pytest.raises(TrustError, match="--trust-code"):  # the package's architecture file is its code
+        read_package_model(result.package)
+    back, back_spec, _ = read_package_model(result.package, trust_code=True)
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
@@ -277,7 +282,7 @@ def test_zip_with_path_traversal_is_refused(tmp_path: Path) -> None:
         zf.writestr("rdf.yaml", "type: model\n")
         zf.writestr("../outside.txt", "x")
     before = evil.read_bytes()
-    with pytest.raises(PackageError, match="unsafe path"):
+    with pytest.raises(IntegrityError, match="unsafe"):
         read_package_model(evil)
     assert not (tmp_path.parent / "outside.txt").exists()
     assert evil.read_bytes() == before

@@ -75,7 +75,7 @@ def test_convert_plain_state_dict_with_arch(tmp_path, arch_module) -> None:
                                  "--arch-kwargs", '{"width": 4}', "-o", str(out)])
     assert result.exit_code == 0, _output(result)
     assert "without running statistics" in result.output  # the GroupNorm
-    model, info = load_checkpoint(out)
+    model, info = load_checkpoint(out, trust_code=True)  # the user's --arch, now stored: code by name
     assert isinstance(model.bn, BatchRenorm) and isinstance(model.gn, BatchRenorm)
     assert info.architecture.norm_conversion == "batchrenorm"
     torch.testing.assert_close(model.bn.running_var, net.bn.running_var)
@@ -89,7 +89,7 @@ def test_convert_state_dict_with_arch_file(tmp_path) -> None:
     result = runner.invoke(app, ["convert", str(tmp_path / "sd.pt"), "--arch-file", str(tmp_path / "arch.py"),
                                  "--arch-callable", "SmallNet", "-o", str(tmp_path / "o.pt")])
     assert result.exit_code == 0, _output(result)
-    model, info = load_checkpoint(tmp_path / "o.pt")
+    model, info = load_checkpoint(tmp_path / "o.pt", trust_code=True)
     assert info.architecture.kind == "source" and isinstance(model.gn, BatchRenorm)
 
 
@@ -97,9 +97,12 @@ def test_convert_torch_em_style_checkpoint(tmp_path, arch_module) -> None:
     net = arch_module.SmallNet(width=4)
     torch.save({"model_state": net.state_dict(), "iteration": 10,
                 "init": {"model_class": "cli_arch.SmallNet", "model_kwargs": {"width": 4}}}, tmp_path / "best.pt")
-    result = runner.invoke(app, ["convert", str(tmp_path / "best.pt"), "-o", str(tmp_path / "o.pt")])
+    # the class is named by the file and is not torch-em's: importing it needs trust
+    refused = runner.invoke(app, ["convert", str(tmp_path / "best.pt"), "-o", str(tmp_path / "o.pt")])
+    assert refused.exit_code == 2 and "--trust-code" in refused.output
+    result = runner.invoke(app, ["convert", str(tmp_path / "best.pt"), "-o", str(tmp_path / "o.pt"), "--trust-code"])
     assert result.exit_code == 0, _output(result)
-    _, info = load_checkpoint(tmp_path / "o.pt")
+    _, info = load_checkpoint(tmp_path / "o.pt", trust_code=True)
     assert info.extra["source_kind"] == "torch_em"
     assert info.architecture.target == "cli_arch:SmallNet"
 
@@ -108,7 +111,7 @@ def test_convert_torch_em_style_checkpoint(tmp_path, arch_module) -> None:
     ("args", "message"),
     [
         (["--arch", "cli_arch:SmallNet", "--arch-kwargs", '{"width": 8}'], "do not fit"),
-        ([], "--arch package.module:Callable"),
+        ([], "--arch package.module:Class"),
         (["--arch", "no_such_module:Net"], "cannot import"),
         (["--arch", "cli_arch:SmallNet", "--arch-kwargs", "{width"], "error"),
     ],
@@ -139,23 +142,27 @@ def test_version_and_help() -> None:
     assert result.exit_code == 0 and "Examples" in result.output
 
 
-def test_torch_em_checkpoint_with_pickled_loaders_gets_a_recipe(tmp_path, monkeypatch, arch_module) -> None:
-    # torch-em's trainer pickles its datasets into "init": such objects are never unpickled here
+def test_torch_em_checkpoint_with_pickled_loaders_converts_without_unpickling_them(tmp_path, monkeypatch,
+                                                                                   arch_module) -> None:
+    # torch-em's trainer pickles its datasets into "init": they become inert placeholders, never unpickled
     pkg = tmp_path / "torch_em"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "data.py").write_text("class SegmentationDataset:\n    def __init__(self):\n        self.x = 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import importlib
+    import sys
 
     ds = importlib.import_module("torch_em.data").SegmentationDataset()
     net = arch_module.SmallNet(width=4)
     torch.save({"model_state": net.state_dict(), "init": {"model_class": "cli_arch.SmallNet", "model_kwargs": {},
                                                          "train_dataset": ds}}, tmp_path / "best.pt")
-    result = runner.invoke(app, ["convert", str(tmp_path / "best.pt"), "-o", str(tmp_path / "o.pt")])
-    assert result.exit_code == 2
-    assert "weights_only=False" in result.output and "slim.pt" in result.output
-    assert not (tmp_path / "o.pt").exists()
+    for name in ("torch_em.data", "torch_em"):
+        sys.modules.pop(name)
+    (pkg / "data.py").write_text(f"open({str(tmp_path / 'marker')!r}, 'w')\n")  # would run if it were imported
+    result = runner.invoke(app, ["convert", str(tmp_path / "best.pt"), "-o", str(tmp_path / "o.pt"), "--trust-code"])
+    assert result.exit_code == 0, result.output
+    assert "torch_em.data" not in sys.modules and not (tmp_path / "marker").exists()
 
 
 def test_convert_instancenorm_unet_and_calibrate_on_an_image(tmp_path) -> None:
@@ -220,7 +227,7 @@ def test_monai_unet_state_dict_converts_and_packages(tmp_path) -> None:
                                  "--sample", str(tmp_path / "sample.npy"), "--name", "monai unet",
                                  "--author", "A. Developer", "--skip-gate"])
     assert result.exit_code == 0, _output(result)
-    packaged, _, _ = read_package_model(tmp_path / "monai.zip")
+    packaged, _, _ = read_package_model(tmp_path / "monai.zip", trust_code=True)  # its architecture file
     packaged.eval()
     with torch.no_grad():
         torch.testing.assert_close(packaged(x), net(x), rtol=1e-6, atol=1e-6)

@@ -58,16 +58,18 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_v04_package(folder: Path, norm: str, halo: int = 8) -> Path:
-    """Write a format-0.4 package of ``TinyFCN(norm=norm)`` (random weights, trained-like statistics)."""
+def build_v04_package(folder: Path, norm: str, halo: int = 8, source: str = NETWORK_SOURCE) -> Path:
+    """Write a format-0.4 package of ``TinyFCN(norm=norm)`` (random weights, trained-like statistics).
+
+    ``source``: the architecture file's code (it must define ``TinyFCN``)."""
     from bioimageio.spec import ValidationContext, save_bioimageio_package
     from bioimageio.spec.model import v0_4
 
     folder.mkdir(parents=True)
     src = folder / "tiny_fcn.py"
-    src.write_text(NETWORK_SOURCE)
+    src.write_text(source)
     namespace: dict = {}
-    exec(compile(NETWORK_SOURCE, str(src), "exec"), namespace)
+    exec(compile(source, str(src), "exec"), namespace)
     torch.manual_seed(0)
     net = namespace["TinyFCN"](channels=8, norm=norm)
     for m in net.modules():
@@ -193,17 +195,19 @@ def test_predict_and_convert_read_a_0_4_package(tmp_path: Path, bn_package: Path
     from tilenorm_bmz.bmz import read_package_model
     from tilenorm_bmz.checkpoint import load_checkpoint
 
-    model, _, _ = read_package_model(bn_package)
+    model, _, _ = read_package_model(bn_package, trust_code=True)  # its architecture file is the package's code
     x = torch.rand(1, 1, 64, 48)
     data = tmp_path / "image.npy"
     np.save(data, image)
     out = tmp_path / "pred.tif"
     result = runner.invoke(app, ["predict", str(bn_package), str(data), "-o", str(out), "--device", "cpu"])
-    assert result.exit_code == 0, result.output
-    assert out.exists()
+    assert result.exit_code == 0, result.output  # without trust: on the package's TorchScript weights
+    assert out.exists() and "torchscript" in result.output
     result = runner.invoke(app, ["convert", str(bn_package), "-o", str(tmp_path / "brn.pt")])
+    assert result.exit_code == 2 and "--trust-code" in result.output  # converting needs the state dict's code
+    result = runner.invoke(app, ["convert", str(bn_package), "-o", str(tmp_path / "brn.pt"), "--trust-code"])
     assert result.exit_code == 0, result.output
-    converted, _ = load_checkpoint(tmp_path / "brn.pt")
+    converted, _ = load_checkpoint(tmp_path / "brn.pt", trust_code=True)
     converted.eval()
     model.eval()
     with torch.no_grad():

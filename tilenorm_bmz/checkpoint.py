@@ -46,6 +46,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import RenormSchedule
+from .errors import TilenormError, TrustError
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -67,8 +68,18 @@ CHECKPOINT_FORMAT = "tilenorm_bmz.checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TilenormError, ValueError):
     """A file is not a valid tilenorm-bmz checkpoint (truncated, foreign, or modified)."""
+
+
+#: Installed libraries whose network classes a file may name without ``--trust-code``: building one runs the
+#: library's code (what the user installed), not code the file carries. Only ``nn.Module`` subclasses count.
+TRUSTED_NETWORK_MODULES = ("tilenorm_bmz.models", "torch_em.model", "monai.networks.nets")
+
+TRUST_HINT = (
+    "pass --trust-code (trust_code=True) only if you trust whoever made the file: its code then runs with "
+    "your permissions"
+)
 
 
 class ArchitectureSpec(BaseModel):
@@ -181,62 +192,131 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-def _unpickling_detail(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "global" in ln.lower()]
-    return lines[0] if lines else str(e).splitlines()[0]
+class InertObject:
+    """Stands in for a pickled object of a class or function a file names (see :func:`load_torch_file`).
+
+    It records the arguments and state the pickle gave it and does nothing else: no import of what the file
+    names, no call of it. ``name`` is the ``module.qualname`` the file named.
+    """
+
+    name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> InertObject:
+        obj = object.__new__(cls)
+        obj.__dict__["args"] = args
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def __repr__(self) -> str:
+        return f"<inert {self.name}>"
 
 
-def load_torch_file(path: str | os.PathLike[str]) -> Any:
+def _placeholder(name: str) -> type[InertObject]:
+    return type(f"Inert[{name}]", (InertObject,), {"name": name, "__module__": __name__})
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def pickled_globals(path: str | os.PathLike[str]) -> list[str]:
+    """The classes and functions a torch file's pickle names beyond tensors and plain containers.
+
+    Read from the pickle's opcodes without executing anything (``torch.serialization``'s scanner).
+    """
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(os.fspath(path)))
+    except Exception:  # legacy (non-zip) torch files cannot be scanned
+        return []
+
+
+def load_torch_file(path: str | os.PathLike[str], *, inert: bool = False) -> Any:
     """``torch.load(path, weights_only=True, map_location="cpu")`` with clear errors.
+
+    Parameters
+    ----------
+    inert
+        Also load files whose pickle names other classes or functions (a torch-em trainer checkpoint pickles
+        its data loaders, a Lightning checkpoint its hyper-parameters): each one becomes an
+        :class:`InertObject` that holds the pickled arguments and state, and nothing the file names is
+        imported or called. Tensors and plain containers load as usual.
 
     Raises
     ------
     FileNotFoundError
         The file does not exist.
     CheckpointError
-        The file is truncated / not a torch file, or holds pickled objects other than tensors and plain
-        containers (possibly malicious; never unpickled here).
+        The file is not a PyTorch file (truncated or another format), or (``inert=False``) it holds pickled
+        objects other than tensors and plain containers, which are never unpickled here.
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist")
     if p.is_dir():
         raise CheckpointError(f"{p} is a folder, not a checkpoint file")
+    names = pickled_globals(p)
     try:
+        if inert and names:
+            with torch.serialization.safe_globals([(_placeholder(n), n) for n in names]):
+                return torch.load(p, map_location="cpu", weights_only=True)
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not names:  # nothing pickled that we refuse: the bytes are not a torch.save file at all
+            raise CheckpointError(
+                f"{p} is not a PyTorch checkpoint (not a torch.save file: truncated or another format): "
+                f"{_first_line(e)}"
+            ) from e
+        named = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
         raise CheckpointError(
-            f"{p} contains pickled Python objects that are not allowed in a weights-only load, so it was "
-            "not loaded (it may have been tampered with). Only tensors and plain values are accepted: "
-            f"re-save it as a state dict. Details: {_unpickling_detail(e)}"
+            f"{p} holds pickled Python objects besides tensors ({named}); tilenorm-bmz never unpickles them, "
+            "since unpickling can run code the file carries. Save the weights alone (model.state_dict()) with "
+            "their architecture, or convert a torch-em checkpoint with `tilenorm-bmz convert`"
         ) from e
     except Exception as e:
         raise CheckpointError(
-            f"{p} could not be read as a PyTorch file (truncated or not a checkpoint): "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"{p} is not a PyTorch checkpoint (not a torch.save file: truncated or another format): "
+            f"{_first_line(e)}"
         ) from e
 
 
 # -- model construction -------------------------------------------------------------------------------
-def _import_callable(target: str) -> Any:
+def _import_network_class(target: str) -> type[nn.Module]:
+    """Import ``module.path:Class`` and check that it is an ``nn.Module`` subclass before anything is called."""
     if ":" not in target:
-        raise ValueError(f"architecture target must look like 'package.module:Callable', got {target!r}")
+        raise ValueError(f"architecture target must look like 'package.module:Class', got {target!r}")
     mod_name, _, attr = target.partition(":")
     try:
-        mod = importlib.import_module(mod_name)
+        obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
         raise ValueError(f"cannot import {mod_name!r} for architecture {target!r}: {e}") from e
-    obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{mod_name!r} has no attribute {attr!r} (architecture {target!r})")
         obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"architecture {target!r} is not callable")
+    return _network_class(obj, target)
+
+
+def _network_class(obj: Any, what: str) -> type[nn.Module]:
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise TrustError(
+            f"architecture {what} is a {type(obj).__name__}, not a torch.nn.Module class: refused (an "
+            "architecture must name a network class; nothing was called)"
+        )
     return obj
 
 
-def _callable_from_source(source: str, name: str, filename: str) -> Any:
+def _in_trusted_library(target: str) -> bool:
+    module = target.partition(":")[0]
+    return any(module == m or module.startswith(f"{m}.") for m in TRUSTED_NETWORK_MODULES)
+
+
+def _class_from_source(source: str, name: str, filename: str) -> type[nn.Module]:
     mod_name = f"tilenorm_bmz_arch_{hashlib.sha1(source.encode()).hexdigest()[:12]}"
     module = sys.modules.get(mod_name)
     if module is None:
@@ -244,13 +324,22 @@ def _callable_from_source(source: str, name: str, filename: str) -> Any:
         module.__file__ = filename
         sys.modules[mod_name] = module  # dataclasses / typing need the module registered
         try:
-            exec(compile(source, filename, "exec"), module.__dict__)
+            exec(compile(source, filename, "exec"), module.__dict__)  # only with trust_code (build_model)
         except Exception:
             del sys.modules[mod_name]
             raise
     if not hasattr(module, name):
         raise ValueError(f"architecture source {filename} defines no {name!r}")
-    return getattr(module, name)
+    return _network_class(getattr(module, name), f"{name} from {filename}")
+
+
+def needs_trust(spec: ArchitectureSpec) -> bool:
+    """Whether building ``spec`` runs code that the file carries or names (then ``trust_code`` is required)."""
+    if spec.kind == "unet":
+        return False
+    if spec.kind == "callable":
+        return not (spec.target and _in_trusted_library(spec.target))
+    return True
 
 
 def load_state_strict(model: nn.Module, state: Any, what: str, hint: str = "") -> None:
@@ -273,22 +362,48 @@ def load_state_strict(model: nn.Module, state: Any, what: str, hint: str = "") -
         )
 
 
-def build_model(spec: ArchitectureSpec) -> nn.Module:
-    """Instantiate the (untrained) network described by ``spec``, norm conversion included."""
+def network_class(spec: ArchitectureSpec, *, trust_code: bool = False) -> type[nn.Module]:
+    """The network class ``spec`` names, imported (callable) or defined (source), not yet called.
+
+    Raises :class:`TrustError` when that needs trust and ``trust_code`` is False, or when it is not an
+    ``nn.Module`` subclass.
+    """
+    if spec.kind == "unet":
+        from .models import UNet
+
+        return UNet
+    if needs_trust(spec) and not trust_code:
+        where = (f"imports and calls {spec.target}" if spec.kind == "callable"
+                 else f"runs the Python source {spec.source_name or 'stored in the file'}")
+        raise TrustError(f"building this network {where}, which is code the file brings with it: {TRUST_HINT}")
+    if spec.kind == "callable":
+        if not spec.target:
+            raise ValueError("architecture kind 'callable' needs a target 'module:Class'")
+        return _import_network_class(spec.target)
+    if not spec.source_code or not spec.callable:
+        raise ValueError("architecture kind 'source' needs source_code and callable")
+    return _class_from_source(spec.source_code, spec.callable, spec.source_name or "<architecture>")
+
+
+def build_model(spec: ArchitectureSpec, *, trust_code: bool = False) -> nn.Module:
+    """Instantiate the (untrained) network described by ``spec``, norm conversion included.
+
+    Trust policy: our ``unet`` and network classes of :data:`TRUSTED_NETWORK_MODULES` build without trust;
+    any other callable (imported by name) and any stored source (executed) only with ``trust_code=True``,
+    and even then the callable must be a ``torch.nn.Module`` subclass, checked before it is called.
+
+    Raises
+    ------
+    TrustError
+        The architecture needs ``trust_code`` and it was not given, or it names something that is not a
+        network class.
+    """
     if spec.kind == "unet":
         from .models import UNet
 
         model: nn.Module = UNet(**spec.kwargs)
-    elif spec.kind == "callable":
-        if not spec.target:
-            raise ValueError("architecture kind 'callable' needs a target 'module:Callable'")
-        model = _import_callable(spec.target)(**spec.kwargs)
     else:
-        if not spec.source_code or not spec.callable:
-            raise ValueError("architecture kind 'source' needs source_code and callable")
-        model = _callable_from_source(spec.source_code, spec.callable, spec.source_name or "<architecture>")(
-            **spec.kwargs
-        )
+        model = network_class(spec, trust_code=trust_code)(**spec.kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"architecture {spec.describe()} returned {type(model).__name__}, not a torch.nn.Module")
     if spec.norm_conversion:
@@ -412,12 +527,13 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu", trust_code: bool = False
 ) -> tuple[nn.Module, CheckpointInfo]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
     Returns the model (in eval mode, on ``map_location``) and a :class:`CheckpointInfo` with the training
-    state and metadata.
+    state and metadata. ``trust_code``: build a stored architecture that is code (a source, or a callable
+    outside the trusted libraries; see :func:`build_model`).
 
     Raises
     ------
@@ -425,6 +541,8 @@ def load_checkpoint(
         ``path`` does not exist.
     CheckpointError
         Truncated, foreign (with a hint how to convert it), tampered or inconsistent file.
+    TrustError
+        The stored architecture is code and ``trust_code`` was not given.
     """
     p = Path(path)
     obj = read_checkpoint(p)
@@ -432,7 +550,7 @@ def load_checkpoint(
         spec = ArchitectureSpec.model_validate(obj["architecture"])
     except Exception as e:
         raise CheckpointError(f"{p} has an invalid architecture entry: {e}") from e
-    model = build_model(spec)
+    model = build_model(spec, trust_code=trust_code)
     load_state_strict(model, obj["state_dict"], f"{p}: the weights do not match the architecture {spec.describe()}")
     model.to(map_location).eval()
     schedule = obj.get("schedule")

@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ._version import __version__
+from .errors import TilenormError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,9 +44,14 @@ app = typer.Typer(
 EXIT_OK = 0
 EXIT_REJECTED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+
+TrustOption = Annotated[bool, typer.Option(
+    "--trust-code", help="Run code that the model file carries or names (a stored architecture source or callable, "
+    "a package's architecture file). Off by default: only for files from someone you trust.")]
 
 
-class UserError(Exception):
+class UserError(TilenormError):
     """An error caused by the user's input: printed without a traceback, exit code 2."""
 
 
@@ -65,8 +71,34 @@ def print_error(message: str) -> None:
     err_console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as one line (OSError: its strerror and file name)."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | FileExistsError) and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What counts as the user's input being wrong (exit 2, one line) rather than a bug (traceback)."""
+    import yaml
+    from pydantic import ValidationError
+
+    errors: list[type[BaseException]] = [TilenormError, ValueError, OSError, ImportError, yaml.YAMLError,
+                                         ValidationError]
+    try:
+        from ruyaml.error import YAMLError as RuYAMLError
+
+        errors.append(RuYAMLError)
+    except ImportError:  # pragma: no cover - ruyaml comes with bioimageio.spec
+        pass
+    return tuple(errors)
+
+
 def handle_errors(fn: F) -> F:
-    """Turn expected errors (bad files, invalid configs, user errors) into a message and exit code 2."""
+    """Map errors to exit codes: user errors (bad files, configs, trust, integrity) -> one line and 2; a bug -> its
+    traceback and 3 (never 1, which means "rejected" for ``validate``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -80,11 +112,16 @@ def handle_errors(fn: F) -> F:
             err_console.print("[red]interrupted[/red]")
             raise typer.Exit(130) from None
         except ValidationError as e:
-            print_error(f"invalid configuration:\n{e}")
+            lines = [f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors()]
+            print_error(f"invalid configuration: {'; '.join(lines)}")
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except (UserError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, ImportError) as e:
-            print_error(str(e))
+        except _user_errors() as e:
+            print_error(_one_line(e))
             raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Exception:
+            err_console.print_exception()
+            print_error("internal error in tilenorm-bmz (a bug: please report it with the traceback above)")
+            raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -155,6 +192,7 @@ def convert(
                                                 "checked by a forward pass).")] = None,
     show: Annotated[bool, typer.Option("--show", help="Print every converted layer.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    trust_code: TrustOption = False,
 ) -> None:
     """Convert a network's BatchNorm/InstanceNorm/GroupNorm layers to BatchRenorm.
 
@@ -175,6 +213,7 @@ def convert(
         calibrate_tiles=calibrate_tiles,
         tile_shape=parse_shape(tile, "--tile"),
         divisor=parse_shape(divisor, "--divisor"),
+        trust_code=trust_code,
     )
     report = result.report
     if show or report.skipped:
@@ -207,52 +246,34 @@ def convert(
 # ------------------------------------------------------------------------------------------------------
 # halo / predict (tiling)
 # ------------------------------------------------------------------------------------------------------
-def _load_model(path: Path) -> tuple[Any, dict[str, Any], str]:
-    """A checkpoint of ours or a bioimage.io package -> (model in eval mode, extra metadata, kind)."""
-    from .conversion import detect_source_kind
+def _open_model(path: Path, trust_code: bool) -> Any:
+    """Open a checkpoint of ours or a bioimage.io package through the one door (notes go to stderr)."""
+    from .bmz.opening import open_model
 
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    kind = detect_source_kind(path)
-    if kind == "bioimageio":
-        from .bmz import read_package_model
-
-        model, _spec, extra = read_package_model(path)
-        return model.eval(), dict(extra), kind
-    if kind != "checkpoint":
-        raise UserError(
-            f"{path} is a {kind.replace('_', ' ')} file, not a tilenorm-bmz checkpoint or bioimage.io package: "
-            f"convert it first (`tilenorm-bmz convert {path} -o model.pt`)"
-        )
-    from .checkpoint import load_checkpoint
-
-    model, info = load_checkpoint(path)
-    return model, dict(info.extra), kind
+    handle = open_model(path, trust_code=trust_code, allow=("checkpoint", "bioimageio"))
+    for note in handle.notes:
+        err_console.print(Text(f"note: {note}", style="yellow"))
+    for code in handle.trusted:
+        err_console.print(Text(f"--trust-code: ran {code} from {path.name}", style="yellow"))
+    return handle
 
 
-def _model_dims(model: Any) -> int:
-    from .conversion import model_dims
-
-    return model_dims(model)
-
-
-def _normalization_for(choice: str, extra: dict[str, Any], kind: str) -> Any:
+def _normalization_for(choice: str, handle: Any) -> Any:
     """The input normalization for ``--normalization`` (``model`` = as the model was trained)."""
     from .config import InputNormalization
 
     if choice == "none":
         return None
+    recorded = handle.input_normalization
     if choice in ("global", "tilewise"):
-        recorded = extra.get("input_normalization") or {}
-        base = {k: v for k, v in recorded.items() if k in ("lower", "upper", "clip", "eps")}
+        base = {k: v for k, v in (recorded or {}).items() if k in ("lower", "upper", "clip", "eps")}
         return InputNormalization.model_validate({**base, "mode": choice})
     if choice != "model":
         raise UserError(f"--normalization must be model, global, tilewise or none; got {choice!r}")
-    recorded = extra.get("input_normalization")
     if recorded:
         return InputNormalization.model_validate(recorded)
-    if kind == "bioimageio":
-        steps = (extra.get("bioimageio") or {}).get("preprocessing") or []
+    if handle.kind == "bioimageio":
+        steps = (handle.extra.get("bioimageio") or {}).get("preprocessing") or []
         if any((s.get("id") or s.get("name")) not in (None, "ensure_dtype") for s in steps):
             raise UserError(
                 "the package's preprocessing has no tilenorm-bmz equivalent; choose one with --normalization "
@@ -286,6 +307,7 @@ def halo(
     train_mode: Annotated[bool, typer.Option("--train-mode", help="Measure with BatchNorm/BatchRenorm in train mode "
                                                                   "(shows tile coupling in training).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
+    trust_code: TrustOption = False,
 ) -> None:
     """Receptive field of a network and the halo that makes tiled prediction seamless.
 
@@ -294,16 +316,17 @@ def halo(
     normalization layer couples the whole tile (then no halo makes tiling exact), and the recommended
     halo (the one-sided theoretical receptive field, rounded so 2*halo is a multiple of the divisor).
     """
-    from .tiling import receptive_field, resolve_device
+    from .introspect import resolve_device
+    from .tiling import receptive_field
 
-    model, extra, kind = _load_model(model_path)
-    dims = _model_dims(model)
+    handle = _open_model(model_path, trust_code)
+    model, dims = handle.network, handle.dims
     tiles = None
     if data is not None:
         from .data.io import open_image
 
         img = open_image(data)
-        norm = _normalization_for("model", extra, kind)
+        norm = _normalization_for("model", handle)
         arr = img.read().astype("float32")
         tiles = norm.fit(arr).apply(arr) if norm is not None else arr
     report = receptive_field(
@@ -380,6 +403,7 @@ def predict(
                                                        "on (input and output on shared storage).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    trust_code: TrustOption = False,
 ) -> None:
     """Predict an image of any size, tile by tile, seamlessly (the halo is cropped, not blended).
 
@@ -394,14 +418,15 @@ def predict(
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
-    model, extra, kind = _load_model(model_path)
+    handle = _open_model(model_path, trust_code)
+    model = handle.network
     halo_t = parse_shape(halo_size, "--halo") if halo_size not in (None, "") else None
     if halo_t is not None and len(halo_t) == 1:
-        halo_t = halo_t * _model_dims(model)
+        halo_t = halo_t * handle.dims
     try:
         summary = predict_file(
             model, input_path, output, tile_shape=parse_shape(tile, "--tile"), halo=halo_t, batch_size=batch_size,
-            device=device, normalization=_normalization_for(normalization, extra, kind),
+            device=device, normalization=_normalization_for(normalization, handle), divisor=handle.divisor,
             memory_budget=int(memory_gb * 2**30) if memory_gb else None, workers=workers, scheduler=scheduler,
             overwrite=overwrite, progress=not as_json, input_axes=axes,
         )
@@ -480,6 +505,7 @@ def package(
     skip_gate: Annotated[bool, typer.Option("--skip-gate", help="Do not run the validation gate (recorded in "
                                             "the package's config.tilenorm_bmz.gate).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    trust_code: TrustOption = False,
 ) -> None:
     """Write a tested, validated bioimage.io model package (zip) that ilastik, deepImageJ and bioimage.io.core run.
 
@@ -527,7 +553,7 @@ def package(
     try:
         result = export_package(checkpoint, output, export_config=cfg, sample=sample_data, overwrite=overwrite,
                                 gate=gate, gate_results=gate_results, divisor=parse_shape(divisor, "--divisor"),
-                                progress=True)
+                                trust_code=trust_code, progress=True)
     except PackageRejected as e:
         print_error(str(e))
         if e.result.test is not None:
@@ -580,6 +606,7 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides the config).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue exactly from this checkpoint (last.pt).")] = None,
     example: Annotated[str | None, typer.Option(help="Print the commented example config '2d' or '3d' and exit.")] = None,
+    trust_code: TrustOption = False,
 ) -> None:
     """Train a U-Net (any norm kind; BatchRenorm with the paper's schedule) from images and instance labels.
 
@@ -614,7 +641,8 @@ def train(
     from .train import Trainer
 
     if resume is not None:
-        trainer = Trainer.resume(resume, out_dir=out, config=cfg, device=device, progress=True)
+        trainer = Trainer.resume(resume, out_dir=out, config=cfg, device=device, trust_code=trust_code,
+                                 progress=True)
     else:
         assert cfg is not None
         trainer = Trainer(cfg, out, base_dir=base_dir, device=device, progress=True)
@@ -760,6 +788,7 @@ def validate(
     record: Annotated[Path | None, typer.Option("--record", help="Write a copy of the package with the accepted "
                                                 "figures in config.tilenorm_bmz (re-tested).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --record output.")] = False,
+    trust_code: TrustOption = False,
 ) -> None:
     """Accept or reject a model for sharing: does it tile without seams, as every consumer runs it?
 
@@ -798,7 +827,7 @@ def validate(
     try:
         try:
             report = validate_package(model_path, list(data or []) or None, list(labels or []) or None,
-                                      config=cfg, out_dir=out, data_axes=axes, progress=True)
+                                      config=cfg, out_dir=out, data_axes=axes, trust_code=trust_code, progress=True)
         except (RuntimeError, OSError) as e:  # e.g. the network fails on the data: could not run, not rejected
             raise UserError(f"the gate could not run on {model_path}: {type(e).__name__}: {e}") from e
     except (GateInputError, UserError, ValueError, FileNotFoundError, ImportError) as e:

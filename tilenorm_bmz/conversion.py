@@ -5,36 +5,29 @@ Sources understood by :func:`convert_source`:
 * a tilenorm-bmz checkpoint (any norm kind; our UNet is rebuilt with ``norm="batchrenorm"``);
 * a plain state dict (``.pt``/``.pth``, or a dict holding it under ``state_dict``/``model_state_dict``)
   plus an architecture: an importable ``module:Callable`` or a source file and callable name;
-* a torch-em checkpoint (``model_state`` + ``init.model_class``/``init.model_kwargs``; torch-em must be
-  importable to rebuild the network);
+* a torch-em checkpoint (``model_state`` + ``init.model_class``/``init.model_kwargs``, read without
+  unpickling its data loaders; the network is rebuilt from installed torch-em, or from ``--arch-file``);
 * a bioimage.io model package (zip, folder or ``rdf.yaml``) with ``pytorch_state_dict`` weights.
 
-Everything is loaded with ``torch.load(weights_only=True)``; inputs are never modified.
+Every source is opened through :func:`tilenorm_bmz.bmz.opening.open_model` (one trust policy, one set of
+integrity checks); inputs are never modified.
 """
 
 from __future__ import annotations
 
 import logging
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import (
-    ArchitectureSpec,
-    CheckpointError,
-    architecture_of,
-    build_model,
-    load_checkpoint,
-    load_state_strict,
-    load_torch_file,
-    save_checkpoint,
-)
+from .checkpoint import ArchitectureSpec, save_checkpoint
+from .foreign import SourceKind, detect_source_kind
+from .introspect import model_dims, model_in_channels
 from .norm import ConversionReport, calibrate_norm, convert_norm
 
 __all__ = [
@@ -43,9 +36,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["checkpoint", "state_dict", "torch_em", "bioimageio"]
-
-_STATE_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
 
 
 @dataclass
@@ -72,78 +62,6 @@ class ConvertedModel:
         return save_checkpoint(path, self.model, step=self.step, architecture=self.architecture, **extra)
 
 
-def model_dims(model: nn.Module) -> int:
-    """Spatial dimensionality of a network: its ``dims`` attribute or that of its first convolution."""
-    dims = getattr(model, "dims", None)
-    if dims in (1, 2, 3):
-        return int(dims)
-    for m in model.modules():
-        if isinstance(m, nn.Conv3d | nn.ConvTranspose3d):
-            return 3
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-            return 2
-        if isinstance(m, nn.Conv1d | nn.ConvTranspose1d):
-            return 1
-    raise ValueError(f"cannot tell the spatial dimensionality of {type(model).__name__}: it has no convolutions")
-
-
-def model_in_channels(model: nn.Module) -> int:
-    """Input channel count of a network: its ``in_channels`` attribute or that of its first convolution."""
-    value = getattr(model, "in_channels", None)
-    if isinstance(value, int):
-        return value
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return int(m.in_channels)
-    raise ValueError(f"cannot tell the input channel count of {type(model).__name__}: it has no convolutions")
-
-
-def _is_bioimageio(path: Path) -> bool:
-    if path.is_dir():
-        return (path / "rdf.yaml").exists() or (path / "bioimageio.yaml").exists()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        return True
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            names = {Path(n).name for n in zf.namelist()}
-        return "rdf.yaml" in names or "bioimageio.yaml" in names
-    return False
-
-
-def detect_source_kind(path: Path, obj: Any = None) -> SourceKind:
-    """Which kind of source ``path`` is (``obj``: its already loaded content, for torch files)."""
-    if _is_bioimageio(path):
-        return "bioimageio"
-    if obj is None:
-        obj = load_torch_file(path)
-    if isinstance(obj, dict):
-        if obj.get("format") == "tilenorm_bmz.checkpoint":
-            return "checkpoint"
-        if "model_state" in obj and isinstance(obj.get("init"), dict):
-            return "torch_em"
-        if _extract_state_dict(obj) is not None:
-            return "state_dict"
-    raise CheckpointError(
-        f"{path} is not a checkpoint, state dict, torch-em checkpoint or bioimage.io package "
-        f"(it holds a {type(obj).__name__})"
-    )
-
-
-def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict):
-        for key in _STATE_KEYS:
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
-    return None
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    load_state_strict(model, state, f"the weights do not fit {what}", "Check --arch and --arch-kwargs.")
-
-
 def _foreign_spec(
     arch: str | None, arch_kwargs: dict[str, Any], arch_file: Path | None, arch_callable: str | None
 ) -> ArchitectureSpec:
@@ -160,11 +78,7 @@ def _foreign_spec(
             callable=name,
             kwargs=arch_kwargs,
         )
-    if not arch:
-        raise ValueError(
-            "a plain state dict does not say which network it belongs to: pass --arch package.module:Callable "
-            "(and --arch-kwargs JSON), or --arch-file FILE.py --arch-callable NAME"
-        )
+    assert arch
     return ArchitectureSpec(kind="callable", target=arch, kwargs=arch_kwargs)
 
 
@@ -178,58 +92,6 @@ def _with_conversion(spec: ArchitectureSpec, model: nn.Module) -> ArchitectureSp
         kwargs["norm"] = norm
         return spec.model_copy(update={"kwargs": kwargs})
     return spec.model_copy(update={"norm_conversion": "batchrenorm", "convert_dims": model_dims(model)})
-
-
-def _load_source(
-    source: Path,
-    arch: str | None,
-    arch_kwargs: dict[str, Any],
-    arch_file: Path | None,
-    arch_callable: str | None,
-) -> tuple[nn.Module, ArchitectureSpec, SourceKind, dict[str, Any]]:
-    """Build the unconverted network from any source; returns (model, spec, kind, extra)."""
-    if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist")
-    if _is_bioimageio(source):
-        from .bmz import read_package_model
-
-        model, spec, extra = read_package_model(source)
-        return model, spec, "bioimageio", extra
-    try:
-        obj = load_torch_file(source)
-    except CheckpointError as e:
-        if "torch_em" in str(e):
-            raise CheckpointError(
-                f"{e}. This is a torch-em checkpoint that pickles its data loaders; where torch-em is installed, "
-                "keep only the network: `c = torch.load(PATH, weights_only=False); torch.save({'model_state': "
-                "c['model_state'], 'init': {'model_class': c['init']['model_class'], 'model_kwargs': "
-                "c['init']['model_kwargs']}}, 'slim.pt')` and convert slim.pt"
-            ) from e
-        raise
-    kind = detect_source_kind(source, obj)
-    if kind == "checkpoint":
-        model, info = load_checkpoint(source)
-        spec = architecture_of(model) or info.architecture
-        return model, spec, kind, dict(info.extra)
-    if kind == "torch_em":
-        init = obj["init"]
-        cls_path = init.get("model_class")
-        if not isinstance(cls_path, str) or "." not in cls_path:
-            raise ValueError(f"{source}: torch-em checkpoint has no usable init['model_class']")
-        mod, _, name = cls_path.rpartition(".")
-        spec = ArchitectureSpec(kind="callable", target=f"{mod}:{name}", kwargs=dict(init.get("model_kwargs") or {}))
-        try:
-            model = build_model(spec)
-        except ValueError as e:
-            raise ValueError(f"{source} is a torch-em checkpoint; rebuilding {cls_path} needs torch-em: {e}") from e
-        _load_strict(model, obj["model_state"], cls_path)
-        return model, spec, kind, {}
-    state = _extract_state_dict(obj)
-    assert state is not None
-    spec = _foreign_spec(arch, arch_kwargs, arch_file, arch_callable)
-    model = build_model(spec)
-    _load_strict(model, state, spec.describe())
-    return model, spec, "state_dict", {}
 
 
 def _calibration_batches(
@@ -279,6 +141,7 @@ def convert_source(
     tile_shape: tuple[int, ...] | None = None,
     device: str | torch.device = "cpu",
     divisor: Sequence[int] | None = None,
+    trust_code: bool = False,
 ) -> ConvertedModel:
     """Load any supported source, convert its norm layers to BatchRenorm, optionally calibrate.
 
@@ -293,12 +156,20 @@ def convert_source(
         trained, random tiles of ``tile_shape``).
     divisor
         Spatial size divisor per axis of a network that does not expose one (default: inferred from its
-        strides and checked, see :func:`tilenorm_bmz.tiling.infer_divisor`); stored in the checkpoint.
+        strides and checked, see :func:`tilenorm_bmz.introspect.infer_divisor`); stored in the checkpoint.
+    trust_code
+        Run architecture code the source carries or names (see :mod:`tilenorm_bmz.bmz.opening`).
     """
+    from .bmz.opening import open_model
+
     source = Path(source)
-    model, spec, kind, extra = _load_source(
-        source, arch, dict(arch_kwargs or {}), Path(arch_file) if arch_file else None, arch_callable
-    )
+    given = None
+    if arch or arch_file:
+        given = _foreign_spec(arch, dict(arch_kwargs or {}), Path(arch_file) if arch_file else None, arch_callable)
+    handle = open_model(source, trust_code=trust_code, architecture=given, trainable=True)
+    model, kind, extra = handle.network, handle.kind, dict(handle.extra)
+    spec = handle.architecture
+    assert spec is not None  # trainable=True: never TorchScript
     dims = model_dims(model)
     converted, report = convert_norm(model, to="batchrenorm", inplace=True, dims=dims)
     new_spec = _with_conversion(spec, converted)
@@ -331,7 +202,7 @@ def convert_source(
 def _with_divisor(spec: ArchitectureSpec, model: nn.Module, dims: int,
                   divisor: Sequence[int] | None) -> ArchitectureSpec:
     """Record the size divisor of a network that does not expose one (given, else inferred) and set it on it."""
-    from .tiling import infer_divisor, model_divisor
+    from .introspect import infer_divisor, model_divisor
 
     if divisor is not None:
         div = model_divisor(model, dims, divisor)  # checked: one positive int per axis

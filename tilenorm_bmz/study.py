@@ -213,6 +213,7 @@ def measure_variant(
     """Measure a trained run like the paper's Table 1 on its held-out region (and draw its figures)."""
     from .checkpoint import load_checkpoint
     from .data import build_training_data
+    from .introspect import resolve_device
     from .metrics import (
         NormTrainMode,
         TilewiseNormalized,
@@ -222,7 +223,6 @@ def measure_variant(
         train_eval_disparity,
     )
     from .tiling import TiledPredictor
-    from .tiling.predictor import resolve_device
     from .train.trainer import _val_tile, _validation_halo
 
     dev = resolve_device(device)

@@ -34,17 +34,19 @@ def _num_features(layer: nn.Module) -> int:
     return layer.num_features
 
 
-def tilenorm_exported_network(
-    target: str, dims: int, network_kwargs: Dict[str, Any]  # noqa: UP006
-) -> nn.Module:
+class TilenormExportedNetwork(nn.Module):
     """Build ``target(**network_kwargs)`` and swap its normalization layers for ``BatchNorm{dims}d``.
 
     ``target`` is ``"package.module:Callable"`` or the name of a callable defined earlier in this file.
+    Calling the class returns the rebuilt network itself, not a wrapper around it (so the state dict keys are
+    the network's); it is a ``torch.nn.Module`` class so that tools which only build network classes accept it.
     """
-    model = _resolve(target)(**network_kwargs)
-    replace = [(name, m) for name, m in model.named_modules() if name and isinstance(m, _CONVERTIBLE)]
-    for name, layer in replace:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, _BATCHNORM[dims](_num_features(layer), eps=layer.eps))
-    return model
+
+    def __new__(cls, target: str, dims: int, network_kwargs: Dict[str, Any]) -> nn.Module:  # noqa: UP006
+        model = _resolve(target)(**network_kwargs)
+        replace = [(name, m) for name, m in model.named_modules() if name and isinstance(m, _CONVERTIBLE)]
+        for name, layer in replace:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _BATCHNORM[dims](_num_features(layer), eps=layer.eps))
+        return model

@@ -20,13 +20,14 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from .package_io import PackageError, open_package, read_rdf
+from ..errors import IntegrityError
+from .archive import PackageFiles, open_package
+from .package_io import PackageError
 
 __all__ = ["CompatCheck", "CompatibilityReport", "check_compatibility"]
 
@@ -100,13 +101,14 @@ def _fmt_tuple(fv: str) -> tuple[int, ...]:
         return (99,)
 
 
-def _load_array(root: Path, source: Any) -> np.ndarray | None:
+def _load_array(files: PackageFiles, source: Any) -> np.ndarray | None:
     if isinstance(source, Mapping):
         source = source.get("source")
     if not isinstance(source, str) or "://" in source:
         return None
-    path = root / source
-    if not path.is_file():
+    try:
+        path = files.file(source, "test tensor")
+    except IntegrityError:  # missing: reported by the checks that need it
         return None
     if path.suffix == ".npy":
         return np.load(path, allow_pickle=False)
@@ -160,7 +162,7 @@ def _ilastik(rdf: Mapping[str, Any], fv: str) -> list[CompatCheck]:
     return out
 
 
-def _deepimagej(rdf: Mapping[str, Any], fv: str, root: Path) -> list[CompatCheck]:
+def _deepimagej(rdf: Mapping[str, Any], fv: str, files: PackageFiles) -> list[CompatCheck]:
     out: list[CompatCheck] = []
     inputs = rdf.get("inputs") or []
 
@@ -185,8 +187,8 @@ def _deepimagej(rdf: Mapping[str, Any], fv: str, root: Path) -> list[CompatCheck
     add("min a multiple of step", not bad_steps, "; ".join(bad_steps) or "all parameterized axes",
         "choose min as a multiple of step (deepImageJ rejects other tile sizes)")
     if inputs:
-        test = _load_array(root, inputs[0].get("test_tensor") or (rdf.get("test_inputs") or [None])[0])
-        sample = _load_array(root, inputs[0].get("sample_tensor") or (rdf.get("sample_inputs") or [None])[0])
+        test = _load_array(files, inputs[0].get("test_tensor") or (rdf.get("test_inputs") or [None])[0])
+        sample = _load_array(files, inputs[0].get("sample_tensor") or (rdf.get("sample_inputs") or [None])[0])
         if sample is None:
             add("sample tensor equals test tensor", test is not None, "no sample tensor: the test tensor is run",
                 "add a test tensor")
@@ -228,10 +230,10 @@ def _environment() -> list[CompatCheck]:
 
 def check_compatibility(source: str | os.PathLike[str]) -> CompatibilityReport:
     """Check a package (zip, folder or rdf.yaml) against ilastik and deepImageJ, and the environment."""
-    with open_package(source) as rdf_path:
-        rdf = read_rdf(rdf_path)
+    with open_package(source) as files:
+        rdf = files.rdf
         if rdf.get("type") != "model":
             raise PackageError(f"{source} describes a {rdf.get('type')!r}, not a model")
         fv = str(rdf.get("format_version", ""))
-        checks = _ilastik(rdf, fv) + _deepimagej(rdf, fv, rdf_path.parent) + _environment()
+        checks = _ilastik(rdf, fv) + _deepimagej(rdf, fv, files) + _environment()
     return CompatibilityReport(source=str(source), format_version=fv, checks=checks)

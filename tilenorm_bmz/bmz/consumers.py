@@ -48,6 +48,7 @@ import numpy as np
 from pydantic import Field
 
 from ..config import GateConsumer
+from ..introspect import ceil_to, resolve_device
 from ..metrics import MetricResult, TiledVsWholeResult, tiled_vs_whole
 from .subject import GateSubject, reorder_back
 
@@ -118,11 +119,6 @@ class _WholeSizes:
     def smallest(self, a: int, at_least: int) -> int:
         """The smallest valid size >= ``at_least``."""
         return self.low[a] + max(0, -(-(at_least - self.low[a]) // self.step[a])) * self.step[a]
-
-
-def ceil_to(value: int, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` that is >= ``value``."""
-    return -(-int(value) // int(multiple)) * int(multiple)
 
 
 def _cap(sizes: list[int], lower: Sequence[int], steps: Sequence[int], max_voxels: int | None) -> list[int]:
@@ -265,7 +261,7 @@ def emulate_tiled_predictor(
 ) -> ConsumerSeams:
     """Seams of :class:`~tilenorm_bmz.tiling.TiledPredictor` on the central region of ``raw`` that holds two
     tiles per axis (the subject's preprocessing applied to that whole region first)."""
-    from ..tiling import TiledPredictor, resolve_device
+    from ..tiling import TiledPredictor
 
     tile = tuple(tile_shape) if tile_shape is not None else tiled_predictor_tile(halo, subject.divisor)
     sizes = [min(s, 2 * t - 2 * h) for s, t, h in zip(raw.shape[1:], tile, halo, strict=True)]
@@ -295,7 +291,6 @@ def emulate_bioimageio_core(
 ) -> ConsumerSeams:
     """Seams of bioimageio.core's blocked prediction of the central region of ``raw`` that holds one block (it
     is cut into at least two blocks per axis; see the module docstring)."""
-    from ..tiling import resolve_device
 
     if not subject.is_package:
         return _not_applicable("bioimageio.core", "a checkpoint, not a package: package it first")
@@ -326,7 +321,7 @@ def emulate_bioimageio_core(
     crop, region = _centre(raw, _cap(want, block, sizes.step, max_voxels))
     spatial = crop.shape[1:]
     descr = subject.descr
-    fmt = next(f for f in ("pytorch_state_dict", "torchscript") if f in subject.weight_formats)
+    fmt = subject.tested_format or next(f for f in ("pytorch_state_dict", "torchscript") if f in subject.weight_formats)
     pad = getattr(descr.inputs[0], "pad", None)
     pad_mode = str(getattr(pad, "mode", None) or "symmetric")
     ns = {(descr.inputs[0].id, a.id): n for a in descr.inputs[0].axes if _is_parameterized(a)}
@@ -392,7 +387,6 @@ def emulate_ilastik(
 ) -> ConsumerSeams:
     """Seams of ilastik's tiled prediction of the central region of ``raw`` holding two of its blocks per axis
     (see the module docstring)."""
-    from ..tiling import resolve_device
 
     if not subject.is_package:
         return _not_applicable("ilastik", "a checkpoint, not a package: package it first")
@@ -410,7 +404,7 @@ def emulate_ilastik(
     want = [sizes.largest(a, max(min(s, 2 * b), sizes.low[a])) for a, (s, b) in enumerate(zip(
         raw.shape[1:], block, strict=True))]
     crop, region = _centre(raw, _cap(want, sizes.low, sizes.step, max_voxels))
-    fmt = next(f for f in ("torchscript", "pytorch_state_dict") if f in subject.weight_formats)
+    fmt = subject.tested_format or next(f for f in ("torchscript", "pytorch_state_dict") if f in subject.weight_formats)
     dev = str(resolve_device(device))
     spatial = crop.shape[1:]
     blocks = list(_ilastik_blocks(spatial, tile, halo))

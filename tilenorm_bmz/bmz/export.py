@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .._version import __version__
-from ..checkpoint import ArchitectureSpec, CheckpointInfo, architecture_of, load_checkpoint
+from ..checkpoint import ArchitectureSpec, CheckpointInfo, architecture_of, read_checkpoint
 from ..config import ExportConfig
 from .artifacts import crop_test_input, load_sample, make_test_tensors, write_cover
 from .compat import CompatibilityReport, check_compatibility
@@ -126,20 +126,24 @@ def rejected_path(output: Path) -> Path:
 
 
 # -- inputs -----------------------------------------------------------------------------------------------
-def _load(checkpoint_or_model: str | os.PathLike[str] | nn.Module) -> tuple[nn.Module, CheckpointInfo | None]:
+def _load(checkpoint_or_model: str | os.PathLike[str] | nn.Module,
+          trust_code: bool) -> tuple[nn.Module, CheckpointInfo | None]:
     if isinstance(checkpoint_or_model, nn.Module):
         return checkpoint_or_model, None
-    return load_checkpoint(checkpoint_or_model)
+    from .opening import open_model
+
+    handle = open_model(checkpoint_or_model, trust_code=trust_code, allow=("checkpoint",))
+    return handle.network, handle.checkpoint_info
 
 
 def _model_dims(model: nn.Module) -> int:
-    from ..conversion import model_dims
+    from ..introspect import model_dims
 
     return model_dims(model)
 
 
 def _in_channels(model: nn.Module) -> int:
-    from ..conversion import model_in_channels
+    from ..introspect import model_in_channels
 
     return model_in_channels(model)
 
@@ -198,7 +202,9 @@ def checkpoint_sample(checkpoint: str | os.PathLike[str]) -> Any:
 
     Raises ``ValueError``/``FileNotFoundError`` with what to do when the checkpoint records none that exists.
     """
-    _, info = load_checkpoint(checkpoint)
+    raw = read_checkpoint(checkpoint)  # metadata only: no network is built
+    info = CheckpointInfo(path=Path(checkpoint), architecture=ArchitectureSpec.model_validate(raw["architecture"]),
+                          step=int(raw.get("step") or 0), extra=dict(raw.get("extra") or {}))
     return _sample_source(None, info)
 
 
@@ -256,6 +262,7 @@ def export_package(
     gate_results: Mapping[str, Any] | None = None,
     divisor: Sequence[int] | None = None,
     overwrite: bool = False,
+    trust_code: bool = False,
     progress: bool = False,
 ) -> ExportResult:
     """Write a bioimage.io model package (zip) of a network, test it, and return what was written.
@@ -284,6 +291,8 @@ def export_package(
         Size divisor per spatial axis for networks that do not expose ``divisor`` (default: from the model).
     overwrite
         Replace an existing ``output``.
+    trust_code
+        Build a checkpoint whose stored architecture is code (see :mod:`tilenorm_bmz.bmz.opening`).
     progress
         Show a progress bar (rich) over the export steps.
 
@@ -322,14 +331,14 @@ def export_package(
 
         # 1. the network ------------------------------------------------------------------------------------
         step("network")
-        model, info = _load(checkpoint_or_model)
+        model, info = _load(checkpoint_or_model, trust_code)
         model.eval()
         dims = _model_dims(model)
         if dims not in (2, 3):
             raise ValueError(f"bioimage.io packages are written for 2D and 3D networks; this one is {dims}D")
         axes = ["z", "y", "x"][3 - dims:]
         in_ch = _in_channels(model)
-        from ..tiling import infer_divisor, model_divisor
+        from ..introspect import infer_divisor, model_divisor
 
         if divisor is None and getattr(model, "divisor", None) is None:
             div = infer_divisor(model, dims, in_ch)  # a clear error (what to pass) when it cannot tell

@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from .._version import __version__
 from ..config import GATE_CONSUMERS, GateConfig
+from ..errors import IntegrityError
 from ..metrics import (
     DisparityResult,
     HaloSufficiencyResult,
@@ -425,7 +426,7 @@ def _measure_image(
     halo: tuple[int, ...], timer: _Timer, warnings: list[str], progress: bool,
 ) -> _ImageMeasurement:
     """Every per-image metric of the gate on one raw image ``(C, *spatial)``."""
-    from ..tiling import resolve_device
+    from ..introspect import resolve_device
 
     on, net, dev = set(cfg.checks), subject.network, resolve_device(cfg.device)
     out = _ImageMeasurement(record=GateImage(name=name, shape=tuple(raw.shape)))
@@ -490,6 +491,16 @@ def _measure_image(
     return out
 
 
+def _integrity_report(source: Path, error: IntegrityError, config: GateConfig, out_dir: Path | None, device: str,
+                      timer: _Timer, name: str | None) -> GateReport:
+    """A package that fails its integrity checks is rejected on that alone: nothing else of it is run."""
+    check = Check(name="package integrity", measured="failed", threshold="safe members, sizes, sha256",
+                  passed=False, advice=f"{error}"[:2000])
+    report = GateReport(subject=name or str(source), kind="package", name=source.name, weights_format="none",
+                        accepted=False, checks=[check], config=config, device=device, timings=timer.seconds)
+    return _write(report, out_dir)
+
+
 def validate_package(
     model_source: str | os.PathLike[str],
     data: ArrayOrPath | Sequence[ArrayOrPath] | None = None,
@@ -499,6 +510,7 @@ def validate_package(
     out_dir: str | os.PathLike[str] | None = None,
     data_axes: str | None = None,
     name: str | None = None,
+    trust_code: bool = False,
     progress: bool = False,
 ) -> GateReport:
     """Validate a bioimage.io package (or a tilenorm-bmz checkpoint) and accept or reject it.
@@ -536,13 +548,17 @@ def validate_package(
         with the wrong channel count or dimensionality, labels that do not fit. (Exit code 2 in the CLI.)
     """
     cfg = config or GateConfig()
-    from ..tiling import receptive_field, resolve_device
+    from ..introspect import resolve_device
+    from ..tiling import receptive_field
 
     dev = resolve_device(cfg.device)
     device = str(dev)
     timer = _Timer()
     out = Path(out_dir) if out_dir is not None else None
-    subject: GateSubject = timer("load", load_subject, model_source, cfg)
+    try:
+        subject: GateSubject = timer("load", load_subject, model_source, cfg, trust_code=trust_code)
+    except IntegrityError as e:
+        return _integrity_report(Path(model_source), e, cfg, out, device, timer, name)
     if subject.format_error is not None:
         return _invalid_package_report(subject, cfg, out, device, timer, name)
     warnings = list(subject.notes)
@@ -564,7 +580,7 @@ def validate_package(
     # the package's own test --------------------------------------------------------------------------------
     test = None
     if subject.is_package and "bioimageio" in checks_on:
-        test = timer("bioimage.io test", run_model_test, subject.source)
+        test = timer("bioimage.io test", run_model_test, subject.source, subject.tested_format)
 
     # receptive field and halo ---------------------------------------------------------------------------------
     rf = timer("receptive field", receptive_field, net, subject.dims, divisor=subject.divisor,

@@ -16,7 +16,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["AxisGeometry", "package_geometry", "round_halo"]
+from ..introspect import round_halo
+
+__all__ = ["AxisGeometry", "package_geometry"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +43,6 @@ class AxisGeometry:
         if limit < self.min:
             return None
         return self.min + ((limit - self.min) // self.step) * self.step
-
-
-def round_halo(halo: int, step: int) -> int:
-    """The smallest ``h >= halo`` with ``2 * h`` a multiple of ``step``."""
-    if halo < 0 or step < 1:
-        raise ValueError(f"halo must be >= 0 and step >= 1, got halo={halo}, step={step}")
-    h = halo
-    while (2 * h) % step:
-        h += 1
-    return h
 
 
 def package_geometry(

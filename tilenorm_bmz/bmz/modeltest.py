@@ -55,8 +55,10 @@ class PackageTestSummary(BaseModel):
         return f"bioimage.io test {self.status}: {failed}"
 
 
-def run_model_test(package: Path) -> PackageTestSummary:
+def run_model_test(package: Path, weight_format: str | None = None) -> PackageTestSummary:
     """Test ``package`` (zip, folder or rdf.yaml) for all its weight formats, full determinism, offline.
+
+    ``weight_format``: test only that format (the gate's choice when the others would run untrusted code).
 
     ``test_model(determinism="full")`` switches ``torch.use_deterministic_algorithms`` on for the whole
     process and leaves it on (bioimageio.core 0.11); the previous setting is restored here, since later CUDA
@@ -68,7 +70,8 @@ def run_model_test(package: Path) -> PackageTestSummary:
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        summary = test_model(package, determinism="full", stop_early=False)
+        summary = test_model(package, weight_format=weight_format, determinism="full",  # type: ignore[arg-type]
+                             stop_early=False)
     finally:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     checks = [

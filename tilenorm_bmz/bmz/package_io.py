@@ -2,79 +2,45 @@
 
 :func:`read_package_model` rebuilds the network of a package with ``pytorch_state_dict`` weights (the
 architecture from its source file or from an importable library) so that ``tilenorm-bmz convert`` can
-turn a published model back into a BatchRenorm checkpoint and fine-tune it. Zip members are checked for
-path traversal before anything is extracted; the input is never modified (zips are extracted into a
-temporary folder, folders are only read).
+turn a published model back into a BatchRenorm checkpoint and fine-tune it; :func:`read_torchscript` loads
+its TorchScript weights. Packages are opened through :func:`~tilenorm_bmz.bmz.archive.open_package` (member
+names, links, sizes and every sha256 checked first; only the needed members are read). Code from the package
+(its architecture file) runs only with ``trust_code=True``. The input is never modified.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
-import tempfile
-import zipfile
 from collections.abc import Iterator, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..checkpoint import ArchitectureSpec, build_model, load_state_strict, load_torch_file
+from ..checkpoint import (
+    TRUST_HINT,
+    ArchitectureSpec,
+    build_model,
+    load_state_strict,
+    load_torch_file,
+    needs_trust,
+)
+from ..errors import TilenormError, TrustError
 from ._yaml import load_yaml
+from .archive import PackageFiles, open_package
 
-__all__ = ["PackageError", "open_package", "read_package_model", "read_rdf", "safe_extract"]
+__all__ = ["PackageError", "open_package", "read_package_model", "read_rdf", "read_torchscript"]
 
 logger = logging.getLogger(__name__)
 
 _RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 
 
-class PackageError(ValueError):
+class PackageError(TilenormError, ValueError):
     """A file is not a usable bioimage.io model package (or not for the asked purpose)."""
-
-
-def _check_member(name: str) -> None:
-    p = PurePosixPath(name.replace("\\", "/"))
-    if p.is_absolute() or ".." in p.parts or (p.parts and p.parts[0].endswith(":")):
-        raise PackageError(f"unsafe path {name!r} in the zip (absolute or leaving the package folder): not extracted")
-
-
-def safe_extract(zip_path: Path, target: Path) -> Path:
-    """Extract ``zip_path`` into ``target`` after checking every member name for path traversal."""
-    with zipfile.ZipFile(zip_path) as zf:
-        infos = zf.infolist()
-        for info in infos:
-            _check_member(info.filename)
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise PackageError(f"symbolic link {info.filename!r} in the zip: not extracted")
-        zf.extractall(target)
-    return target
-
-
-def _rdf_in(folder: Path) -> Path:
-    for name in _RDF_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    raise PackageError(f"{folder} has no rdf.yaml (or bioimageio.yaml): not a bioimage.io package")
-
-
-@contextlib.contextmanager
-def open_package(source: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield the path of the package's rdf.yaml in a readable folder (a temporary copy for zips)."""
-    src = Path(source)
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist")
-    if src.is_dir():
-        yield _rdf_in(src)
-    elif src.suffix.lower() in (".yaml", ".yml"):
-        yield src
-    elif zipfile.is_zipfile(src):
-        with tempfile.TemporaryDirectory(prefix="tilenorm_bmz_pkg_") as tmp:
-            safe_extract(src, Path(tmp))
-            yield _rdf_in(Path(tmp))
-    else:
-        raise PackageError(f"{src} is not a bioimage.io package: expected a .zip, a folder or an rdf.yaml")
 
 
 def read_rdf(rdf_path: Path) -> dict[str, Any]:
@@ -88,23 +54,17 @@ def read_rdf(rdf_path: Path) -> dict[str, Any]:
     return data
 
 
-def _local_file(root: Path, source: Any, what: str) -> Path:
+def _source_name(source: Any, what: str) -> str:
     if isinstance(source, Mapping):
         source = source.get("source")
     if not isinstance(source, str) or not source:
         raise PackageError(f"the package names no file for {what}")
     if "://" in source:
         raise PackageError(f"{what} is a remote file ({source}); download the package with its files first")
-    _check_member(source)
-    path = (root / source).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise PackageError(f"{what} {source!r} lies outside the package")
-    if not path.is_file():
-        raise PackageError(f"{what} {source!r} is missing from the package")
-    return path
+    return source
 
 
-def _architecture_spec(root: Path, weights: Mapping[str, Any], tool: Mapping[str, Any]) -> ArchitectureSpec:
+def _architecture_spec(files: PackageFiles, weights: Mapping[str, Any], tool: Mapping[str, Any]) -> ArchitectureSpec:
     recorded = tool.get("architecture") if isinstance(tool, Mapping) else None
     arch = weights.get("architecture")
     kwargs = dict(weights.get("kwargs") or {})  # format 0.4 keeps kwargs next to the architecture
@@ -115,20 +75,21 @@ def _architecture_spec(root: Path, weights: Mapping[str, Any], tool: Mapping[str
         kwargs = dict(arch.get("kwargs") or {})
         if arch.get("import_from"):
             return ArchitectureSpec(kind="callable", target=f"{arch['import_from']}:{callable_name}", kwargs=kwargs)
-        file_path = _local_file(root, arch.get("source"), "the architecture source")
+        file_name = _source_name(arch.get("source"), "the architecture source")
     elif isinstance(arch, str):  # format 0.4: "file.py:Callable" or "package.module.Callable"
         if ":" in arch and arch.split(":")[0].endswith(".py"):
             file_part, _, callable_name = arch.rpartition(":")
-            file_path = _local_file(root, file_part, "the architecture source")
+            file_name = _source_name(file_part, "the architecture source")
         else:
             module, _, name = arch.rpartition(".")
             return ArchitectureSpec(kind="callable", target=f"{module}:{name}", kwargs=kwargs)
     else:
         raise PackageError("the pytorch_state_dict weights name no architecture")
-    if file_path.suffix != ".py":
-        raise PackageError(f"architecture source {file_path.name} is not a Python file (zipped modules are not supported)")
+    if not file_name.endswith(".py"):
+        raise PackageError(f"architecture source {file_name} is not a Python file (zipped modules are not supported)")
+    file_path = files.file(file_name, "the architecture source")
     return ArchitectureSpec(
-        kind="source", source_code=file_path.read_text(encoding="utf-8"), source_name=file_path.name,
+        kind="source", source_code=file_path.read_text(encoding="utf-8"), source_name=Path(file_name).name,
         callable=str(callable_name), kwargs=kwargs,
     )
 
@@ -188,13 +149,30 @@ def _input_normalization(rdf: Mapping[str, Any], tool: Mapping[str, Any]) -> dic
     return None
 
 
-def read_package_model(source: str | os.PathLike[str]) -> tuple[nn.Module, ArchitectureSpec, dict[str, Any]]:
+@contextlib.contextmanager
+def _opened(source: str | os.PathLike[str] | PackageFiles) -> Iterator[PackageFiles]:
+    if isinstance(source, PackageFiles):
+        yield source
+    else:
+        with open_package(source) as files:
+            yield files
+
+
+def read_package_model(
+    source: str | os.PathLike[str] | PackageFiles, *, trust_code: bool = False
+) -> tuple[nn.Module, ArchitectureSpec, dict[str, Any]]:
     """Rebuild the network of a bioimage.io model package with its ``pytorch_state_dict`` weights.
 
     Parameters
     ----------
     source
-        A package zip, an unpacked package folder or its rdf.yaml (format 0.4 or 0.5).
+        A package zip, an unpacked package folder or its rdf.yaml (format 0.4 or 0.5), or a package already
+        opened with :func:`~tilenorm_bmz.bmz.archive.open_package` (integrity checked).
+    trust_code
+        Run the package's architecture file (or import the library callable it names). Without it only
+        architectures that need no code from the package build: tilenorm-bmz's own UNet (recorded in
+        ``config.tilenorm_bmz``) and network classes of the trusted libraries
+        (:data:`~tilenorm_bmz.checkpoint.TRUSTED_NETWORK_MODULES`).
 
     Returns
     -------
@@ -207,52 +185,88 @@ def read_package_model(source: str | os.PathLike[str]) -> tuple[nn.Module, Archi
     Raises
     ------
     PackageError
-        Not a model package, no ``pytorch_state_dict`` weights, unsafe zip, missing files.
+        Not a model package, no ``pytorch_state_dict`` weights, missing files.
+    IntegrityError
+        Unsafe members, sizes, or files that do not match their sha256.
+    TrustError
+        The architecture is code from the package and ``trust_code`` was not given.
     CheckpointError
         The weights do not fit the architecture.
     """
-    with open_package(source) as rdf_path:
-        root = rdf_path.parent
-        rdf = read_rdf(rdf_path)
+    with _opened(source) as files:
+        name = files.source
+        rdf = files.rdf
         if rdf.get("type") != "model":
-            raise PackageError(f"{source} describes a {rdf.get('type')!r}, not a model")
-        _validate_format(rdf_path)
+            raise PackageError(f"{name} describes a {rdf.get('type')!r}, not a model")
+        _validate_format(files.rdf_path)
         weights = (rdf.get("weights") or {}).get("pytorch_state_dict")
         if not isinstance(weights, Mapping):
             present = ", ".join(sorted(rdf.get("weights") or {})) or "none"
             raise PackageError(
-                f"{source} has no pytorch_state_dict weights (it has: {present}); tilenorm-bmz can only read "
+                f"{name} has no pytorch_state_dict weights (it has: {present}); tilenorm-bmz can only read "
                 "PyTorch state dicts back into a trainable network"
             )
         tool = ((rdf.get("config") or {}).get("tilenorm_bmz")) or {}
-        spec = _architecture_spec(root, weights, tool)
-        state = load_torch_file(_local_file(root, weights.get("source"), "the pytorch_state_dict weights"))
+        spec = _architecture_spec(files, weights, tool)
+        if needs_trust(spec) and not trust_code:
+            raise TrustError(
+                f"{name}: building its pytorch_state_dict network runs the package's architecture code "
+                f"({spec.describe()}): {TRUST_HINT}"
+            )
+        weights_file = files.file(_source_name(weights.get("source"), "the pytorch_state_dict weights"),
+                                  "the pytorch_state_dict weights")
+        state = load_torch_file(weights_file, inert=True)
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
-        model = build_model(spec)
-        load_state_strict(model, state, f"{source}: the weights do not fit the architecture {spec.describe()}")
+        model = build_model(spec, trust_code=trust_code)
+        load_state_strict(model, state, f"{name}: the weights do not fit the architecture {spec.describe()}")
         renorm = _restore_renorm(model, tool)
         model.eval()
-        inputs = rdf.get("inputs") or [{}]
-        outputs = rdf.get("outputs") or [{}]
-        extra: dict[str, Any] = {
-            "bioimageio": {
-                "source": str(source),
-                "name": rdf.get("name"),
-                "format_version": rdf.get("format_version"),
-                "halo": {a.get("id"): a.get("halo") for a in outputs[0].get("axes") or []
-                         if isinstance(a, Mapping) and a.get("halo")},
-                "preprocessing": inputs[0].get("preprocessing") or [],
-                "tilenorm_bmz": dict(tool),
-            }
-        }
-        norm = _input_normalization(rdf, tool)
-        if norm is not None:
-            extra["input_normalization"] = norm
+        extra = package_extra(files)
         if renorm is not None:
             extra["renorm"] = renorm
-    logger.info("read %s (%s) from %s", spec.describe(), rdf.get("name"), source)
+    logger.info("read %s (%s) from %s", spec.describe(), rdf.get("name"), name)
     return model, spec, extra
+
+
+def package_extra(files: PackageFiles) -> dict[str, Any]:
+    """A package's metadata as commands use it: ``bioimageio`` (name, format version, halo per axis, the raw
+    preprocessing, ``config.tilenorm_bmz``) and ``input_normalization`` (when expressible)."""
+    rdf = files.rdf
+    tool = ((rdf.get("config") or {}).get("tilenorm_bmz")) or {}
+    inputs = rdf.get("inputs") or [{}]
+    outputs = rdf.get("outputs") or [{}]
+    extra: dict[str, Any] = {
+        "bioimageio": {
+            "source": str(files.source),
+            "name": rdf.get("name"),
+            "format_version": rdf.get("format_version"),
+            "halo": {a.get("id"): a.get("halo") for a in outputs[0].get("axes") or []
+                     if isinstance(a, Mapping) and a.get("halo")},
+            "preprocessing": inputs[0].get("preprocessing") or [],
+            "tilenorm_bmz": dict(tool),
+        }
+    }
+    norm = _input_normalization(rdf, tool)
+    if norm is not None:
+        extra["input_normalization"] = norm
+    return extra
+
+
+def read_torchscript(source: str | os.PathLike[str] | PackageFiles) -> nn.Module:
+    """Load a package's ``torchscript`` weights (no trust needed: TorchScript runs no Python from the file)."""
+    import torch
+
+    with _opened(source) as files:
+        weights = (files.rdf.get("weights") or {}).get("torchscript")
+        if not isinstance(weights, Mapping):
+            raise PackageError(f"{files.source} has no torchscript weights")
+        with files.open(_source_name(weights.get("source"), "the torchscript weights"), "the torchscript weights") as fh:
+            data = fh.read()
+    try:
+        return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
+    except RuntimeError as e:
+        raise PackageError(f"{files.source}: its torchscript weights could not be loaded: {str(e).splitlines()[0]}") from e
 
 
 def _validate_format(rdf_path: Path) -> None:

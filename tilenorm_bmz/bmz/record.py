@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 
 from ._yaml import dump_yaml
+from .archive import open_package
 from .modeltest import PackageTestSummary, run_model_test
-from .package_io import open_package, read_rdf
 
 if TYPE_CHECKING:
     from .gate import GateReport
@@ -77,9 +77,9 @@ def record_gate_results(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with open_package(src) as rdf_path:
-            root = rdf_path.parent
-            rdf = read_rdf(rdf_path)
+        with open_package(src) as files:
+            root = files.root()
+            rdf = dict(files.rdf)
             config = dict(rdf.get("config") or {})
             tool = dict(config.get("tilenorm_bmz") or {})
             tool["gate"] = report.figures()
@@ -88,7 +88,7 @@ def record_gate_results(
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zout:
                 zout.writestr("rdf.yaml", dump_yaml(rdf))
                 for path in sorted(p for p in root.rglob("*") if p.is_file()):
-                    if path == rdf_path or (path.name in ("rdf.yaml", "bioimageio.yaml") and path.parent == root):
+                    if path.name in ("rdf.yaml", "bioimageio.yaml") and path.parent == root:
                         continue
                     zout.write(path, path.relative_to(root).as_posix())
         test = run_model_test(tmp)

@@ -14,10 +14,8 @@ Packages with neither are outside the gate (``GateInputError(not_applicable=True
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +160,8 @@ class GateSubject:
     """The checkpoint's recorded input normalization (``InputNormalization`` fields)."""
     checkpoint_info: Any = None
     notes: list[str] = field(default_factory=list)
+    tested_format: str | None = None
+    """The only weight format the bioimage.io test may run (None: all); set when the others need trust."""
 
     @property
     def is_package(self) -> bool:
@@ -169,15 +169,13 @@ class GateSubject:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
-def _checkpoint_subject(path: Path) -> GateSubject:
-    from ..checkpoint import load_checkpoint
+def _checkpoint_subject(path: Path, trust_code: bool) -> GateSubject:
     from ..config import InputNormalization
-    from ..conversion import model_dims
-    from ..tiling import model_divisor
+    from .opening import open_model
 
-    model, info = load_checkpoint(path)
-    dims = model_dims(model)
-    recorded = info.extra.get("input_normalization")
+    handle = open_model(path, trust_code=trust_code, allow=("checkpoint", "bioimageio"))
+    model, info, dims = handle.network, handle.checkpoint_info, handle.dims
+    recorded = handle.input_normalization
     notes: list[str] = []
     if recorded:
         settings = InputNormalization.model_validate(recorded)
@@ -190,20 +188,11 @@ def _checkpoint_subject(path: Path) -> GateSubject:
         return settings.fit(raw).apply(raw)
 
     return GateSubject(
-        source=path, kind="checkpoint", name=path.name, dims=dims, in_channels=_in_channels(model),
-        network=model.eval(), weights_format="checkpoint", divisor=model_divisor(model, dims),
+        source=path, kind="checkpoint", name=path.name, dims=dims, in_channels=handle.in_channels,
+        network=model.eval(), weights_format="checkpoint", divisor=handle.divisor,
         preprocess=preprocess, axes=_SPATIAL[3 - dims:], normalization=settings.model_dump(mode="json"),
         checkpoint_info=info, notes=notes,
     )
-
-
-def _in_channels(model: nn.Module) -> int:
-    from ..conversion import model_in_channels
-
-    try:
-        return model_in_channels(model)
-    except ValueError as e:
-        raise GateInputError(str(e)) from e
 
 
 # -- packages --------------------------------------------------------------------------------------------
@@ -310,8 +299,9 @@ def _present_formats(descr: Any) -> list[str]:
     return [n for n in names if getattr(w, n, None) is not None]
 
 
-def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[str]) -> tuple[nn.Module, str]:
-    from .package_io import read_package_model
+def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[str],
+                     trust_code: bool) -> tuple[nn.Module, str, tuple[str, ...]]:
+    from .opening import open_model
 
     present = _present_formats(descr)
     usable = [f for f in ("pytorch_state_dict", "torchscript") if f in present]
@@ -321,32 +311,21 @@ def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[s
             "pytorch_state_dict or torchscript weights. Add them (e.g. `bioimageio add-weights`) or validate "
             "the model's PyTorch checkpoint", not_applicable=True,
         )
-    if config.weights != "auto":
-        if config.weights not in usable:
-            raise GateInputError(f"{source.name} has no {config.weights} weights (it has: {', '.join(present)})")
-        usable = [config.weights]
-    errors: list[str] = []
-    for fmt in usable:
-        try:
-            if fmt == "pytorch_state_dict":
-                model, _spec, _extra = read_package_model(source)
-                renorm = _extra.get("renorm")
-                if renorm:
-                    notes.append(
-                        f"trained with BatchRenorm and exported as BatchNorm: train mode is measured with its "
-                        f"BatchRenorm layers restored at the limits it ended training with (r_max {renorm['r_max']:g}, "
-                        f"d_max {renorm['d_max']:g}, step {renorm['step']})"
-                    )
-            else:
-                data = descr.weights.torchscript.get_reader().read()
-                model = torch.jit.load(io.BytesIO(data), map_location="cpu")
-            return model.eval(), fmt
-        except (ImportError, ValueError, RuntimeError, OSError) as e:
-            errors.append(f"{fmt}: {e}")
-            if fmt != usable[-1]:
-                notes.append(f"the {fmt} weights could not be loaded ({e}); using {usable[-1]}")
-                logger.warning(notes[-1])
-    raise GateInputError(f"{source.name}: no PyTorch weights could be loaded: {'; '.join(errors)}")
+    if config.weights != "auto" and config.weights not in usable:
+        raise GateInputError(f"{source.name} has no {config.weights} weights (it has: {', '.join(present)})")
+    handle = open_model(source, trust_code=trust_code, weights=config.weights, allow=("bioimageio",))
+    notes.extend(handle.notes)
+    if handle.untrusted:
+        notes.append(f"the bioimage.io test runs the {handle.weights_format} weights only: the "
+                     f"{', '.join(handle.untrusted)} weights would run the package's code (--trust-code)")
+    renorm = handle.extra.get("renorm")
+    if renorm:
+        notes.append(
+            f"trained with BatchRenorm and exported as BatchNorm: train mode is measured with its "
+            f"BatchRenorm layers restored at the limits it ended training with (r_max {renorm['r_max']:g}, "
+            f"d_max {renorm['d_max']:g}, step {renorm['step']})"
+        )
+    return handle.network, handle.weights_format, handle.untrusted
 
 
 def _package_preprocess(descr: Any, axes: PackageAxes) -> Callable[[np.ndarray], np.ndarray]:
@@ -394,7 +373,7 @@ def _wrap_postprocessing(network: nn.Module, descr: Any, notes: list[str]) -> nn
     return _Sigmoid(network) if "sigmoid" in ids else network
 
 
-def _package_subject(source: Path, config: GateConfig) -> GateSubject:
+def _package_subject(source: Path, config: GateConfig, trust_code: bool) -> GateSubject:
     descr, error = _load_descr(source)
     if descr is None:
         return GateSubject(
@@ -404,7 +383,7 @@ def _package_subject(source: Path, config: GateConfig) -> GateSubject:
     notes: list[str] = []
     axes = _package_axes(descr)
     size_min, size_step, halo = _geometry(descr, axes)
-    network, fmt = _package_network(source, descr, config, notes)
+    network, fmt, untrusted = _package_network(source, descr, config, notes, trust_code)
     if not axes.is_canonical:
         notes.append(f"the package declares axes {axes.input} -> {axes.output}; the metrics run it as "
                      f"{axes.canonical}")
@@ -416,50 +395,39 @@ def _package_subject(source: Path, config: GateConfig) -> GateSubject:
         divisor=tuple(max(1, s) for s in size_step), preprocess=_package_preprocess(descr, axes), axes=axes.spatial,
         declared_halo=halo, size_min=size_min, size_step=size_step, descr=descr, package_axes=axes,
         weight_formats=tuple(_present_formats(descr)), test_input=_test_input(descr, axes), notes=notes,
+        tested_format=fmt if untrusted else None,
     )
 
 
-def _is_package(path: Path) -> bool:
-    """A package (folder, rdf.yaml, zip with an rdf) rather than a checkpoint (a torch file, itself a zip)."""
-    if path.is_dir() or path.suffix.lower() in (".yaml", ".yml"):
-        return True
-    is_zip = zipfile.is_zipfile(path)
-    if path.suffix.lower() == ".zip" and not is_zip:
-        raise GateInputError(f"{path} is not a readable zip file (corrupt or truncated): download or export the "
-                             "package again")
-    if not is_zip:
-        return False
-    with zipfile.ZipFile(path) as zf:
-        names = {Path(n).name for n in zf.namelist()}
-    if names & {"rdf.yaml", "bioimageio.yaml"}:
-        return True
-    if path.suffix.lower() == ".zip":
-        raise GateInputError(f"{path} is a zip without rdf.yaml: not a bioimage.io package")
-    return False  # torch.save files are zips too
-
-
-def load_subject(model_source: str | os.PathLike[str], config: GateConfig) -> GateSubject:
+def load_subject(model_source: str | os.PathLike[str], config: GateConfig, *, trust_code: bool = False) -> GateSubject:
     """Load a package (zip, folder, rdf.yaml; format 0.4 or 0.5) or a tilenorm-bmz checkpoint for the gate.
+
+    The network is opened through :func:`~tilenorm_bmz.bmz.opening.open_model` (integrity checks and the
+    trust policy included; ``trust_code`` as there).
 
     Raises
     ------
     GateInputError
         The source cannot be validated: missing, corrupt, not a model, no PyTorch weights, unsupported axes.
-        Other loading errors (``CheckpointError``, ``PackageError``) are ``ValueError`` s with the reason.
+    IntegrityError
+        A package fails its integrity checks (the gate reports it as a failed check).
+    TilenormError
+        Other loading errors (``CheckpointError``, ``PackageError``, ``TrustError``) with the reason.
     """
+    from ..foreign import is_bioimageio
+
     path = Path(model_source)
     if not path.exists():
         raise GateInputError(f"{path} does not exist")
-    if _is_package(path):
-        if path.is_dir() and not any((path / n).is_file() for n in ("rdf.yaml", "bioimageio.yaml")):
-            raise GateInputError(f"{path} is a folder without rdf.yaml: not a bioimage.io package")
-        if path.is_file() and zipfile.is_zipfile(path):
-            try:
-                with zipfile.ZipFile(path) as zf:
-                    bad = zf.testzip()
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
-                raise GateInputError(f"{path} is a corrupt zip file ({e})") from e
-            if bad is not None:
-                raise GateInputError(f"{path} is a corrupt zip file ({bad} fails its checksum)")
-        return _package_subject(path, config)
-    return _checkpoint_subject(path)
+    if path.is_dir() and not is_bioimageio(path):
+        raise GateInputError(f"{path} is a folder without rdf.yaml: not a bioimage.io package")
+    if path.suffix.lower() == ".zip" and not is_bioimageio(path):
+        raise GateInputError(f"{path} is not a bioimage.io package (not a readable zip, or a zip without rdf.yaml): "
+                             "download or export the package again")
+    if is_bioimageio(path):
+        from .archive import open_package
+
+        with open_package(path):  # integrity first: nothing below reads a package that fails it
+            pass
+        return _package_subject(path, config, trust_code)
+    return _checkpoint_subject(path, trust_code)

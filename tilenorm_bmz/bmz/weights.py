@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 #: deepImageJ's ONNX runtime (1.13) reads opsets up to 17/18; 17 is what the legacy exporter writes well.
 ONNX_OPSET = 17
-_WRAPPER_CALLABLE = "tilenorm_exported_network"
+_WRAPPER_CALLABLE = "TilenormExportedNetwork"
 
 
 @dataclass
@@ -188,15 +188,19 @@ def _wrapper_source() -> str:
 
 
 def build_from_artifact(art: ArchitectureArtifact) -> nn.Module:
-    """Instantiate the network as a consumer would from the written architecture (used to check it)."""
-    from ..checkpoint import _callable_from_source, _import_callable
+    """Instantiate the network as a consumer would from the written architecture (used to check it).
+
+    The architecture was written here from a network this process already built, so its code is trusted.
+    """
+    from ..checkpoint import ArchitectureSpec, build_model
 
     if art.kind == "library":
-        fn = _import_callable(f"{art.import_from}:{art.callable}")
+        spec = ArchitectureSpec(kind="callable", target=f"{art.import_from}:{art.callable}", kwargs=art.kwargs)
     else:
         assert art.source is not None
-        fn = _callable_from_source(art.source.read_text(encoding="utf-8"), art.callable, art.source.name)
-    return fn(**art.kwargs)
+        spec = ArchitectureSpec(kind="source", source_code=art.source.read_text(encoding="utf-8"),
+                                source_name=art.source.name, callable=art.callable, kwargs=art.kwargs)
+    return build_model(spec, trust_code=True)
 
 
 # -- weight files ---------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
-from ..tiling.predictor import model_divisor, resolve_device
+from ..introspect import ceil_to, model_divisor, resolve_device, round_down
 
 __all__ = [
     "ArrayLike",
@@ -33,7 +33,7 @@ __all__ = [
     "predict_batched",
     "resolve_device",
     "round_down",
-    "round_up",
+    "ceil_to",
     "track",
 ]
 
@@ -50,16 +50,6 @@ class MetricResult(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
-
-
-def round_down(value: int, multiple: int) -> int:
-    """Largest multiple of ``multiple`` that is <= ``value`` (may be 0)."""
-    return (int(value) // int(multiple)) * int(multiple)
-
-
-def round_up(value: int, multiple: int) -> int:
-    """Smallest multiple of ``multiple`` that is >= ``value``."""
-    return -(-int(value) // int(multiple)) * int(multiple)
 
 
 def as_spatial_tuple(value: int | Sequence[int], dims: int, name: str) -> tuple[int, ...]:

@@ -43,13 +43,13 @@ from ._common import (
     Predictor,
     as_numpy,
     as_spatial_tuple,
+    ceil_to,
     eval_mode,
     model_divisor,
     on_device,
     predict_batched,
     resolve_device,
     round_down,
-    round_up,
     track,
 )
 from .dice import binarize, dice_torch
@@ -275,7 +275,7 @@ def mismatch_geometry(
 
     # the valid overlap must not be empty
     if tile - offset - 2 * h < 1 and not user_sized:
-        grown = round_up(2 * (2 * h + d), d)
+        grown = ceil_to(2 * (2 * h + d), d)
         note(f"halo {h} leaves no valid overlap in tiles of {tile}: tile enlarged to {grown}")
         tile, offset = grown, max(round_down(grown // 2, d), d)
 
@@ -315,7 +315,7 @@ def mismatch_geometry(
     if valid[1] - valid[0] < 1:
         raise ValueError(
             f"halo {h} leaves no valid overlap between tiles of {tile} offset by {offset} (overlap "
-            f"{tile - offset}): use tile >= {round_up(2 * (2 * h + d), d)} with offset = tile / 2, "
+            f"{tile - offset}): use tile >= {ceil_to(2 * (2 * h + d), d)} with offset = tile / 2, "
             "or a smaller halo"
         )
 

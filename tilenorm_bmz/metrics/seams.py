@@ -20,13 +20,13 @@ from ._common import (
     ArrayLike,
     MetricResult,
     as_numpy,
+    ceil_to,
     eval_mode,
     keep_device,
     model_divisor,
     on_device,
     predict_batched,
     resolve_device,
-    round_up,
 )
 
 __all__ = ["SeamFigure", "TiledVsWholeResult", "tiled_vs_whole"]
@@ -78,7 +78,7 @@ def _predict_whole_model(
     """One forward pass of the image zero-padded once at its end to the divisor (what the tiled
     predictor's tiles see at the image border), cropped back; modes and device are restored."""
     spatial = image.shape[1:]
-    padded = tuple(round_up(s, d) for s, d in zip(spatial, divisor, strict=True))
+    padded = tuple(ceil_to(s, d) for s, d in zip(spatial, divisor, strict=True))
     if padded != spatial:
         image = np.pad(image, ((0, 0), *((0, p - s) for s, p in zip(spatial, padded, strict=True))))
     x = torch.from_numpy(np.ascontiguousarray(image))[None]

@@ -23,12 +23,12 @@ from ._common import (
     Predictor,
     as_numpy,
     as_spatial_tuple,
+    ceil_to,
     eval_mode,
     keep_device,
     model_divisor,
     resolve_device,
     round_down,
-    round_up,
     track,
 )
 from .dice import dice
@@ -100,8 +100,8 @@ def _resolve_sizes(
     div: tuple[int, ...],
 ) -> tuple[list[tuple[int, ...]], list[str]]:
     dims = len(spatial)
-    cap = tuple(round_up(s, d) for s, d in zip(spatial, div, strict=True))  # the whole (padded) image
-    low = tuple(round_up(2 * h + d, d) for h, d in zip(halo, div, strict=True))
+    cap = tuple(ceil_to(s, d) for s, d in zip(spatial, div, strict=True))  # the whole (padded) image
+    low = tuple(ceil_to(2 * h + d, d) for h, d in zip(halo, div, strict=True))
     out: list[tuple[int, ...]] = []
     seen: dict[tuple[int, ...], tuple[int, ...]] = {}  # what the network sees -> the tile shape used
     skipped: list[str] = []

@@ -98,7 +98,7 @@ class Environment(BaseModel):
         """The current environment; ``device`` as used by the metrics (default: ``auto`` resolved)."""
         import torch
 
-        from ..metrics import resolve_device
+        from ..introspect import resolve_device
 
         dev = resolve_device(device or "auto")
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None

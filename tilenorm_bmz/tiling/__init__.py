@@ -10,11 +10,12 @@
 * :func:`predict_file`: files in, files out (what ``tilenorm-bmz predict`` runs).
 """
 
+from ..introspect import infer_divisor, model_divisor, resolve_device
 from .blocks import AxisTiling, Block, Tiling, max_inner_size, min_tile_size
 from .distributed import local_client, predict_dask
 from .memory import auto_tile_shape, bytes_per_voxel, memory_budget
 from .pipeline import PredictionSummary, predict_file
-from .predictor import TiledPredictor, forward_whole, infer_divisor, model_divisor, resolve_device
+from .predictor import TiledPredictor, forward_whole
 from .receptive_field import (
     RFReport,
     analytic_receptive_field,

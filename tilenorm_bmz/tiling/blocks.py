@@ -46,14 +46,11 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["AxisTiling", "Block", "Tiling", "ceil_to", "min_tile_size", "max_inner_size"]
+from ..introspect import ceil_to
+
+__all__ = ["AxisTiling", "Block", "Tiling", "min_tile_size", "max_inner_size"]
 
 _AXIS_NAMES = "ZYX"
-
-
-def ceil_to(value: int, multiple: int) -> int:
-    """The smallest multiple of ``multiple`` that is >= ``value``."""
-    return -(-int(value) // int(multiple)) * int(multiple)
 
 
 def min_tile_size(halo: int, divisor: int) -> int:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import ceil_to, min_tile_size
-from .predictor import model_divisor, resolve_device
+from ..introspect import ceil_to, model_divisor, resolve_device
+from .blocks import min_tile_size
 
 __all__ = ["auto_tile_shape", "bytes_per_voxel", "memory_budget"]
 

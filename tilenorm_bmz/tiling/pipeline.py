@@ -25,10 +25,11 @@ import numpy as np
 from torch import nn
 
 from ..config import InputNormalization, StrictModel
-from .blocks import ceil_to, max_inner_size
+from ..introspect import ceil_to, model_divisor, resolve_device
+from .blocks import max_inner_size
 from .distributed import local_client, predict_dask
 from .memory import auto_tile_shape
-from .predictor import TiledPredictor, model_divisor, resolve_device
+from .predictor import TiledPredictor
 from .receptive_field import recommend_halo
 
 __all__ = ["PredictionSummary", "predict_file", "output_format"]

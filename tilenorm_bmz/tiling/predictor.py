@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blocks import Block, Tiling, ceil_to
+from ..introspect import ceil_to, model_divisor, resolve_device
+from .blocks import Block, Tiling
 
-__all__ = ["TiledPredictor", "forward_whole", "infer_divisor", "model_divisor", "resolve_device"]
+__all__ = ["TiledPredictor", "forward_whole"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,87 +49,6 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, _OOM_ERRORS) or (
         isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error)
     )
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device(device)``."""
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available: use --device cpu or auto")
-    return dev
-
-
-def model_divisor(model: nn.Module, dims: int, divisor: int | Sequence[int] | None = None) -> tuple[int, ...]:
-    """The spatial size divisor: ``divisor`` (checked against the model's), else ``model.divisor``, else 1."""
-    own = getattr(model, "divisor", None)
-    own_t = (
-        None if own is None else ((int(own),) * dims if isinstance(own, int) else tuple(int(d) for d in own))
-    )
-    if own_t is not None and len(own_t) != dims:
-        raise ValueError(f"the model's divisor {own_t} has {len(own_t)} axes but the tiles have {dims}")
-    if divisor is None:
-        return own_t or (1,) * dims
-    div = (int(divisor),) * dims if isinstance(divisor, int) else tuple(int(d) for d in divisor)
-    if len(div) != dims or min(div) < 1:
-        raise ValueError(f"divisor must be a positive int or {dims} positive ints, got {divisor}")
-    if own_t is not None and any(d % o for d, o in zip(div, own_t, strict=True)):
-        raise ValueError(f"divisor {div} is not a multiple of the model's own size divisor {own_t}")
-    return div
-
-
-def _per_axis(value: Any, dims: int) -> tuple[int, ...] | None:
-    if isinstance(value, int):
-        return (value,) * dims
-    t = tuple(int(v) for v in value)
-    return t if len(t) == dims else None
-
-
-def infer_divisor(model: nn.Module, dims: int, in_channels: int | None = None) -> tuple[int, ...]:
-    """The size divisor of a network that does not expose one (a MONAI or hand-written U-Net).
-
-    The product, per axis, of the strides of its downsampling layers (strided convolutions, max and average
-    pooling; transposed convolutions upsample and are left out), confirmed by forward passes of two sizes
-    that are multiples of it: the output must keep the input's spatial size. Raises ``ValueError`` with
-    what to do when the network does not behave that way (then pass the divisor explicitly).
-    """
-    from ..conversion import model_in_channels
-
-    div = [1] * dims
-    for m in model.modules():
-        downsampling = isinstance(m, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AvgPoolNd) or (
-            isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)
-        )
-        stride = _per_axis(m.stride, dims) if downsampling and m.stride is not None else None
-        if stride is not None:
-            div = [d * s for d, s in zip(div, stride, strict=True)]
-    found = tuple(div)
-    c = in_channels or model_in_channels(model)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        for k in (0, 1):  # two sizes: at least 32 voxels and 2x the divisor per axis, then one divisor more
-            size = tuple(max(2 * d, ceil_to(32, d)) + k * d for d in found)
-            with torch.no_grad():
-                out = model(torch.zeros((1, c, *size), device=device))
-            if not isinstance(out, torch.Tensor) or tuple(out.shape[2:]) != size:
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(
-                    f"cannot tell the size divisor of {type(model).__name__}: the product of its strides is {found}, "
-                    f"but an input of spatial size {size} gave an output of {got}; pass the divisor explicitly "
-                    "(--divisor, one int per axis)"
-                )
-    except RuntimeError as e:
-        raise ValueError(
-            f"cannot tell the size divisor of {type(model).__name__} (strides give {found}, and a forward pass "
-            f"failed: {e}); pass the divisor explicitly (--divisor, one int per axis)"
-        ) from e
-    finally:
-        model.train(was_training)
-    return found
 
 
 def _autocast_dtype(autocast: bool | str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
@@ -530,7 +450,8 @@ class _ModelPayload:
             from ..checkpoint import ArchitectureSpec, build_model
 
             spec, state = self.data
-            model = build_model(ArchitectureSpec.model_validate(spec))
+            # the spec was built in the submitting process already (its trust decision was made there)
+            model = build_model(ArchitectureSpec.model_validate(spec), trust_code=True)
             model.load_state_dict(state)
             return model
         return self.data

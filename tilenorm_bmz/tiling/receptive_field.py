@@ -44,7 +44,7 @@ from pydantic import ConfigDict, Field
 from torch import nn
 
 from ..config import StrictModel
-from .blocks import ceil_to
+from ..introspect import ceil_to, round_halo
 
 __all__ = [
     "RFReport",
@@ -468,21 +468,6 @@ def _erf_radius(g: np.ndarray, centre: tuple[int, ...], fraction: float) -> tupl
     return tuple(radii)
 
 
-def round_halo(halo: Sequence[int], divisor: Sequence[int]) -> tuple[int, ...]:
-    """Round each halo up so that ``2 * halo`` is a multiple of the divisor (bioimage.io needs it).
-
-    >>> round_halo((21, 5), (4, 1))
-    (22, 5)
-    """
-    out = []
-    for h, d in zip(halo, divisor, strict=True):
-        h = int(h)
-        while (2 * h) % d:
-            h += 1
-        out.append(h)
-    return tuple(out)
-
-
 def _sample_inputs(
     data: Any, n: int, channels: int, shape: tuple[int, ...], rng: np.random.Generator
 ) -> list[np.ndarray]:
@@ -568,7 +553,7 @@ def receptive_field(
         raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    from .predictor import resolve_device
+    from ..introspect import resolve_device
 
     dev = resolve_device(device)
     div = _divisor_of(model, dims, divisor)

@@ -28,6 +28,7 @@ from ..checkpoint import ArchitectureSpec, CheckpointInfo, architecture_of, load
 from ..config import TrainConfig, atomic_write_text
 from ..data import build_training_data
 from ..data.dataset import TrainingData
+from ..introspect import resolve_device
 from ..models import UNet
 from ..norm import BatchRenorm
 from .loss import dice_loss
@@ -42,14 +43,6 @@ VALIDATION_DATA_KEY = "validation_data"
 
 #: checkpoint extra entries that describe the run's origin and are carried through a resume
 _CARRIED_EXTRA = ("converted_from", "source_kind", "conversion", "train_seconds", "study_budget")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA device is available; use --device cpu or auto")
-    return torch.device(device)
 
 
 @dataclass
@@ -249,13 +242,15 @@ class Trainer:
         out_dir: str | os.PathLike[str] | None = None,
         config: TrainConfig | None = None,
         device: str | None = None,
+        trust_code: bool = False,
         progress: bool = False,
     ) -> Trainer:
         """Continue the run saved in ``checkpoint`` exactly (step, schedule, optimizer, sampler, RNG).
 
-        ``config`` may raise ``steps``; the config stored in the checkpoint is used otherwise.
+        ``config`` may raise ``steps``; the config stored in the checkpoint is used otherwise. ``trust_code``:
+        build a stored architecture that is code (see :func:`~tilenorm_bmz.checkpoint.build_model`).
         """
-        model, info = load_checkpoint(checkpoint)
+        model, info = load_checkpoint(checkpoint, trust_code=trust_code)
         stored = info.extra.get("train_config")
         if stored is None:
             raise ValueError(f"{checkpoint} is not a training checkpoint (no train_config): it cannot be resumed")

@@ -1,0 +1,279 @@
+"""No code that a file carries runs unless the user trusts it; packages that fail their integrity checks are refused.
+
+Each attack is tried on every command that reads such a file, through the real CLI: the exit code is 2 (for
+``validate`` on a package: a failed "package integrity" check, rejected), the message says what to do, and the
+file the attack would write never appears.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tilenorm_bmz.checkpoint import save_checkpoint
+from tilenorm_bmz.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REJECTED, app
+from tilenorm_bmz.config import InputNormalization
+from tilenorm_bmz.models import UNet
+
+from .test_format04 import NETWORK_SOURCE, build_v04_package
+
+runner = CliRunner()
+
+MARKER_ENV = "TILENORM_TEST_MARKER"
+
+
+def run(*args: object) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+# -- checkpoints whose architecture entry is an attack -------------------------------------------------------
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("trust")
+    torch.manual_seed(0)
+    model = UNet(dims=2, in_channels=1, out_channels=2, depth=2, features=4, norm="batchrenorm").eval()
+    save_checkpoint(d / "good.pt", model,
+                    input_normalization=InputNormalization().model_dump(mode="json"))
+    rng = np.random.default_rng(0)
+    np.save(d / "image.npy", (rng.random((1, 96, 96)) * 255).astype("float32"))
+    return d
+
+
+def _with_architecture(src: Path, dst: Path, architecture: dict) -> Path:
+    ckpt = torch.load(src, weights_only=True)
+    ckpt["architecture"] = architecture  # the weights' checksum still matches: only the entry was edited
+    torch.save(ckpt, dst)
+    return dst
+
+
+def _commands(model: Path, d: Path, out: Path) -> dict[str, list[object]]:
+    image = d / "image.npy"
+    return {
+        "halo": ["halo", model],
+        "predict": ["predict", model, image, "-o", out / "pred.npy"],
+        "validate": ["validate", model, "--data", image, "--out", out / "gate"],
+        "convert": ["convert", model, "-o", out / "brn.pt"],
+        "package": ["package", model, "-o", out / "pkg.zip", "--sample", image, "--skip-gate", "--author", "A. Dev"],
+        "train": ["train", "--resume", model, "--out", out / "run"],
+    }
+
+
+ATTACKS = {
+    "callable": lambda marker: {"kind": "callable", "target": "os:system", "kwargs": {"command": f"touch {marker}"}},
+    "source": lambda marker: {"kind": "source", "source_name": "net.py", "callable": "Net", "kwargs": {},
+                              "source_code": f"open({str(marker)!r}, 'w').write('ran')\nclass Net:\n    pass\n"},
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+@pytest.mark.parametrize("command", ["halo", "predict", "validate", "convert", "package", "train"])
+def test_stored_architecture_code_does_not_run_without_trust(workdir: Path, tmp_path: Path, attack: str,
+                                                             command: str) -> None:
+    marker = tmp_path / "marker"
+    evil = _with_architecture(workdir / "good.pt", tmp_path / "evil.pt", ATTACKS[attack](marker))
+    result = run(*_commands(evil, workdir, tmp_path)[command])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "--trust-code" in result.output
+    assert "Traceback" not in result.output
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["halo", "predict", "validate", "convert", "package", "train"])
+def test_a_trusted_callable_must_still_be_a_network_class(workdir: Path, tmp_path: Path, command: str) -> None:
+    marker = tmp_path / "marker"
+    evil = _with_architecture(workdir / "good.pt", tmp_path / "evil.pt", ATTACKS["callable"](marker))
+    result = run(*_commands(evil, workdir, tmp_path)[command], "--trust-code")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "not a torch.nn.Module class" in result.output
+    assert not marker.exists()
+
+
+LEGIT_SOURCE = '''
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, channels=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+                                  nn.Conv2d(channels, 1, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.body(x)
+'''
+
+
+def test_trust_code_runs_a_legitimate_architecture_file(tmp_path: Path) -> None:
+    arch = tmp_path / "net.py"
+    arch.write_text(LEGIT_SOURCE)
+    ns: dict = {}
+    exec(compile(LEGIT_SOURCE, str(arch), "exec"), ns)
+    torch.save(ns["Net"]().state_dict(), tmp_path / "weights.pt")
+    # the user names the file on the command line: that is their own choice, no flag needed to convert
+    result = run("convert", tmp_path / "weights.pt", "--arch-file", arch, "--arch-callable", "Net", "-o",
+                 tmp_path / "brn.pt")
+    assert result.exit_code == EXIT_OK, result.output
+    # the checkpoint now carries that source: a later command runs it only when trusted
+    refused = run("halo", tmp_path / "brn.pt")
+    assert refused.exit_code == EXIT_BAD_INPUT and "--trust-code" in refused.output
+    trusted = run("halo", tmp_path / "brn.pt", "--trust-code")
+    assert trusted.exit_code == EXIT_OK, trusted.output
+    assert "ran Net from net.py" in trusted.output
+
+
+def test_checkpoint_messages_tell_a_foreign_file_from_refused_pickles(tmp_path: Path) -> None:
+    (tmp_path / "random.pt").write_bytes(os.urandom(2048))
+    result = run("halo", tmp_path / "random.pt")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "not a PyTorch checkpoint" in result.output and "tampered" not in result.output
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'marker'}",))
+
+    torch.save({"format": "tilenorm_bmz.checkpoint", "payload": Payload()}, tmp_path / "pickled.pt")
+    result = run("halo", tmp_path / "pickled.pt")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert not (tmp_path / "marker").exists()
+    assert "weights_only=False" not in result.output and "tampered" not in result.output
+
+
+# -- packages from strangers ---------------------------------------------------------------------------------
+EVIL_SOURCE = f'''
+import os as _os
+if _os.environ.get("{MARKER_ENV}"):
+    open(_os.environ["{MARKER_ENV}"], "w").write("ran")
+''' + NETWORK_SOURCE
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pkgs")
+    good = build_v04_package(d / "good", "batchnorm")
+    evil_code = build_v04_package(d / "evil_code", "batchnorm", source=EVIL_SOURCE)
+    rng = np.random.default_rng(0)
+    np.save(d / "image.npy", (rng.random((1, 96, 96)) * 200 + 100).astype("float32"))
+    return {"good": good, "evil_code": evil_code, "image": d / "image.npy"}
+
+
+def _rewrite(src: Path, dst: Path, replace: dict[str, bytes] | None = None,
+             add: list[tuple[zipfile.ZipInfo | str, bytes]] = ()) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            data = (replace or {}).get(info.filename, zin.read(info))
+            zout.writestr(info.filename, data)
+        for name, data in add:
+            zout.writestr(name, data)
+    return dst
+
+
+def _symlink_member(name: str, target: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    info.create_system = 3
+    return info
+
+
+def _tampered_weights(src: Path) -> bytes:
+    with zipfile.ZipFile(src) as zf:
+        state = torch.load(io.BytesIO(zf.read("weights.pt")), weights_only=True)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+PACKAGE_ATTACKS = {
+    "traversal": lambda good, out: _rewrite(good, out, add=[("../escaped.txt", b"x")]),
+    "absolute": lambda good, out: _rewrite(good, out, add=[("/abs_escaped.txt", b"x")]),
+    "symlink": lambda good, out: _rewrite(good, out, add=[(_symlink_member("link.txt", "/etc/passwd"),
+                                                             b"/etc/passwd")]),
+    "sha_mismatch": lambda good, out: _rewrite(good, out, replace={"weights.pt": _tampered_weights(good)}),
+    "architecture_sha": lambda good, out: _rewrite(
+        good, out, replace={"tiny_fcn.py": EVIL_SOURCE.encode()}),
+    "oversized": lambda good, out: _rewrite(good, out, add=[("padding.bin", bytes(32 * 2**20))]),
+}
+
+
+def _package_commands(pkg: Path, image: Path, out: Path) -> dict[str, list[object]]:
+    return {
+        "halo": ["halo", pkg, "--trust-code"],
+        "predict": ["predict", pkg, image, "-o", out / "pred.npy", "--trust-code"],
+        "convert": ["convert", pkg, "-o", out / "brn.pt", "--trust-code"],
+        "validate": ["validate", pkg, "--data", image, "--out", out / "gate", "--trust-code"],
+    }
+
+
+@pytest.mark.bmz
+@pytest.mark.parametrize("attack", sorted(PACKAGE_ATTACKS))
+@pytest.mark.parametrize("command", ["halo", "predict", "convert", "validate"])
+def test_packages_that_fail_integrity_are_refused_by_every_command(packages: dict[str, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, attack: str,
+                                                                   command: str) -> None:
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))  # the tampered architecture file writes it when it runs
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    pkg = PACKAGE_ATTACKS[attack](packages["good"], inner / "pkg.zip")
+    before = pkg.read_bytes()
+    result = run(*_package_commands(pkg, packages["image"], tmp_path)[command])
+    if command == "validate":  # a verdict: rejected on its integrity alone, nothing of it run
+        assert result.exit_code == EXIT_REJECTED, result.output
+        report = json.loads((tmp_path / "gate" / "report.json").read_text())
+        (check,) = [c for c in report["checks"] if c["name"] == "package integrity"]
+        assert check["status"] == "failed" and not report["accepted"]
+    else:
+        assert result.exit_code == EXIT_BAD_INPUT, result.output
+        assert not (tmp_path / "pred.npy").exists() and not (tmp_path / "brn.pt").exists()
+    assert "Traceback" not in result.output
+    assert not marker.exists()
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/abs_escaped.txt").exists()
+    assert pkg.read_bytes() == before  # the input is never modified
+
+
+@pytest.mark.bmz
+@pytest.mark.parametrize("command", ["halo", "predict", "validate"])
+def test_package_architecture_code_needs_trust_torchscript_is_used_instead(
+        packages: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    args = _package_commands(packages["evil_code"], packages["image"], tmp_path)[command][:-1]  # no trust
+    result = run(*args)
+    assert result.exit_code in (EXIT_OK, EXIT_REJECTED), result.output  # ran, on the TorchScript weights
+    assert "torchscript" in result.output.lower()
+    assert not marker.exists()
+
+
+@pytest.mark.bmz
+def test_convert_of_a_package_needs_trust_for_its_architecture_file(packages: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    refused = run("convert", packages["evil_code"], "-o", tmp_path / "brn.pt")
+    assert refused.exit_code == EXIT_BAD_INPUT and "--trust-code" in refused.output
+    assert not marker.exists() and not (tmp_path / "brn.pt").exists()
+    trusted = run("convert", packages["evil_code"], "-o", tmp_path / "brn.pt", "--trust-code")
+    assert trusted.exit_code == EXIT_OK, trusted.output
+    assert marker.exists()  # with trust, the package's code ran: what --trust-code means
+
+
+@pytest.mark.bmz
+def test_unpacked_package_folders_with_links_are_refused(packages: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "pkg"
+    with zipfile.ZipFile(packages["good"]) as zf:
+        zf.extractall(folder)
+    (folder / "weights.pt").unlink()
+    (folder / "weights.pt").symlink_to(shutil.copy(packages["good"], tmp_path / "elsewhere.bin"))
+    result = run("halo", folder)
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "symbolic link" in result.output
