@@ -27,7 +27,7 @@ from common import command_line, interleaved, machine, median, write_section
 from tilenorm_bmz.bmz import export_package, validate_package
 from tilenorm_bmz.checkpoint import save_checkpoint
 from tilenorm_bmz.config import ExportConfig, GateConfig, InputNormalization
-from tilenorm_bmz.data import synthetic_blobs
+from tilenorm_bmz.data import fit_normalization, synthetic_blobs
 from tilenorm_bmz.models import UNet
 from tilenorm_bmz.norm import calibrate_norm
 from tilenorm_bmz.tiling import (
@@ -46,7 +46,7 @@ def build(folder: Path, size: int, features: int, device: torch.device) -> tuple
     raw = np.asarray(raw, dtype=np.float32).reshape((1,) + (size,) * 3)
     torch.manual_seed(0)
     net = UNet(dims=3, depth=2, features=features, norm="batchrenorm").eval()
-    x = InputNormalization(**NORM).fit(raw).apply(raw)
+    x = fit_normalization(InputNormalization(**NORM), raw).apply(raw)
     crop = min(size, 96)
     calibrate_norm(net, [torch.from_numpy(np.ascontiguousarray(x[:, :crop, :crop, :crop]))[None]])
     ckpt = save_checkpoint(folder / "brn3d.pt", net, input_normalization=NORM)
@@ -76,7 +76,7 @@ def main() -> None:
         tile = auto_tile_shape(net, raw.shape[1:], halo, device=device)
         normalization = InputNormalization(**NORM)
         predictor = TiledPredictor(net, tile_shape=tile, halo=halo, device=device, batch_size=1,
-                                   preprocess=normalization.fit(raw).apply)
+                                   preprocess=fit_normalization(normalization, raw).apply)
         config = GateConfig(device=str(device))
         reports = []
 
@@ -93,7 +93,7 @@ def main() -> None:
         # for scale: one forward pass of the whole volume (no tiles, no halo overhead), when memory allows
         t0 = time.perf_counter()
         try:
-            forward_whole(net, normalization.fit(raw).apply(raw), device=device)
+            forward_whole(net, fit_normalization(normalization, raw).apply(raw), device=device)
             t_whole: float | None = time.perf_counter() - t0
         except (MemoryError, RuntimeError):
             t_whole = None

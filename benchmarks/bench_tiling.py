@@ -43,6 +43,7 @@ from common import command_line, interleaved, machine, median, write_section
 
 from tilenorm_bmz.checkpoint import load_checkpoint, save_checkpoint
 from tilenorm_bmz.config import InputNormalization
+from tilenorm_bmz.data import fit_normalization
 from tilenorm_bmz.models import UNet
 from tilenorm_bmz.tiling import TiledPredictor, forward_whole, predict_dask, recommend_halo
 
@@ -112,7 +113,7 @@ def bench_methods(args: argparse.Namespace, workdir: Path) -> str:
     model = make_model(args.features)
     halo = recommend_halo(model, 3)
     raw = make_volume(args.size)
-    fitted = InputNormalization(**NORMALIZATION).fit(raw)
+    fitted = fit_normalization(InputNormalization(**NORMALIZATION), raw)
     x = fitted.apply(raw)
     predictor = TiledPredictor(model, (args.tile,) * 3, halo, device="cpu")
     tiling = predictor.tiling(x.shape[1:])
@@ -227,7 +228,7 @@ def ooc_child(args: argparse.Namespace) -> None:
     # 1. the global normalization, fitted once (from a bounded sample of blocks for large volumes)
     reset = _reset_peak_rss()
     settings = InputNormalization.model_validate(info.extra["input_normalization"])
-    fitted = settings.fit(open_image(args.ooc_input))
+    fitted = fit_normalization(settings, open_image(args.ooc_input))
     fit_peak = _rss("VmHWM") if reset else None
     # 2. the tiled prediction with those statistics (mode "fixed" applies exactly the fitted lo/hi)
     fixed = settings.model_copy(update={"mode": "fixed", "low": list(fitted.lo), "high": list(fitted.hi)})

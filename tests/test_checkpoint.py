@@ -85,7 +85,7 @@ def test_foreign_source_architecture_round_trip(tmp_path) -> None:
     convert_norm(net, inplace=True)
     spec = spec.model_copy(update={"norm_conversion": "batchrenorm", "convert_dims": 2})
     save_checkpoint(tmp_path / "f.pt", net, architecture=spec)
-    with pytest.raises(TrustError, match="runs the Python source net.py"):
+    with pytest.raises(TrustError, match=r"runs the Python source net\.py"):
         load_checkpoint(tmp_path / "f.pt")
     model, info = load_checkpoint(tmp_path / "f.pt", trust_code=True)
     assert isinstance(model.norm, BatchRenorm)
@@ -121,7 +121,7 @@ def test_truncated_file(tmp_path) -> None:
     path = save_checkpoint(tmp_path / "ck.pt", UNet(dims=2, features=4))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint.*truncated"):
+    with pytest.raises(CheckpointError, match=r"not a PyTorch checkpoint.*truncated"):
         load_checkpoint(path)
 
 
@@ -152,7 +152,7 @@ class _Evil:
 def test_pickled_code_is_never_executed(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     torch.save({"format": "tilenorm_bmz.checkpoint", "payload": _Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="holds pickled Python objects besides tensors.*never unpickles"):
+    with pytest.raises(CheckpointError, match=r"holds pickled Python objects besides tensors.*never unpickles"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
 

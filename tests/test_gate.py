@@ -21,6 +21,7 @@ from tilenorm_bmz.bmz.subject import PackageAxes, _AxisAdapter, load_subject
 from tilenorm_bmz.checkpoint import save_checkpoint
 from tilenorm_bmz.cli import app
 from tilenorm_bmz.config import ExportConfig, GateConfig, InputNormalization
+from tilenorm_bmz.data import fit_normalization
 from tilenorm_bmz.models import UNet
 from tilenorm_bmz.norm import calibrate_norm
 
@@ -44,7 +45,7 @@ def rdf_of(package: Path) -> dict:
 
 
 def normalized(raw: np.ndarray) -> np.ndarray:
-    return InputNormalization(**NORM).fit(raw[None]).apply(raw[None])
+    return fit_normalization(InputNormalization(**NORM), raw[None]).apply(raw[None])
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from tilenorm_bmz.config import InputNormalization
+from tilenorm_bmz.data import fit_normalization
 from tilenorm_bmz.models import UNet
 from tilenorm_bmz.tiling import TiledPredictor, forward_whole, recommend_halo
 
@@ -88,10 +89,10 @@ def test_global_normalization_per_block_keeps_tiling_exact_and_tilewise_does_not
     model = _unet(2, "batchrenorm")
     ramp = np.linspace(0.0, 3000.0, 150, dtype=np.float32)[None, :, None]  # tiles differ in brightness
     x = (np.random.default_rng(1).gamma(2.0, 300.0, (1, 150, 97)) + ramp).astype(np.float32)
-    fitted = InputNormalization().fit(x)  # global: fitted once on the whole image
+    fitted = fit_normalization(InputNormalization(), x)  # global: fitted once on the whole image
     tiled = TiledPredictor(model, (64, 64), HALO, device="cpu", preprocess=fitted.apply).predict(x)
     _assert_exact(tiled, forward_whole(model, x, device="cpu", preprocess=fitted.apply))
-    tilewise = InputNormalization(mode="tilewise").fit(x)
+    tilewise = fit_normalization(InputNormalization(mode="tilewise"), x)
     per_tile = TiledPredictor(model, (64, 64), HALO, device="cpu", preprocess=tilewise.apply).predict(x)
     assert _rel_diff(per_tile, tiled) > 1e-4  # 10x the exactness tolerance
 

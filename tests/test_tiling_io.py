@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from tilenorm_bmz.checkpoint import load_checkpoint, save_checkpoint
 from tilenorm_bmz.cli import app
 from tilenorm_bmz.config import InputNormalization
+from tilenorm_bmz.data import fit_normalization
 from tilenorm_bmz.data.io import create_output, open_image
 from tilenorm_bmz.models import UNet
 from tilenorm_bmz.tiling import TiledPredictor, predict_dask, predict_file
@@ -87,7 +88,7 @@ def test_predict_file_zarr_tiff_npy_agree_with_the_predictor(tmp_path):
     x = _raw((1, 150, 130))
     np.save(tmp_path / "img.npy", x)
     norm = InputNormalization()
-    expected = TiledPredictor(model, (64, 64), HALO, device="cpu", preprocess=norm.fit(x).apply).predict(x)
+    expected = TiledPredictor(model, (64, 64), HALO, device="cpu", preprocess=fit_normalization(norm, x).apply).predict(x)
     scale = np.abs(expected).max()
     for name in ("out.zarr", "out.tif", "out.npy"):
         summary = predict_file(
@@ -172,7 +173,7 @@ def test_cli_predict_matches_the_library(checkpoint, tmp_path):
     assert summary["halo"] == [24, 24] and summary["normalization"]["settings"]["mode"] == "global"
     model, _ = load_checkpoint(checkpoint)
     expected = TiledPredictor(
-        model, (64, 64), HALO, device="cpu", preprocess=InputNormalization().fit(x).apply
+        model, (64, 64), HALO, device="cpu", preprocess=fit_normalization(InputNormalization(), x).apply
     ).predict(x)
     got = zarr.open_array(str(tmp_path / "pred.zarr"))[:]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

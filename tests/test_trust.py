@@ -277,3 +277,32 @@ def test_unpacked_package_folders_with_links_are_refused(packages: dict[str, Pat
     result = run("halo", folder)
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "symbolic link" in result.output
+
+
+# -- errors: the input's fault -> one line and 2; a bug -> its traceback and 3 (never 1) ---------------------
+def test_a_broken_yaml_config_is_one_line_and_exit_2(workdir: Path, tmp_path: Path) -> None:
+    (tmp_path / "gate.yaml").write_text("max_dist: [1, 2\n")
+    result = run("validate", workdir / "good.pt", "--data", workdir / "image.npy", "--config", tmp_path / "gate.yaml",
+                 "--out", tmp_path / "r")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "Traceback" not in result.output and result.output.count("error:") == 1
+
+
+def test_an_unreadable_input_is_exit_2(workdir: Path, tmp_path: Path) -> None:
+    (tmp_path / "folder.npy").mkdir()
+    result = run("predict", workdir / "good.pt", tmp_path / "folder.npy", "-o", tmp_path / "out.npy")
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_bug_shows_its_traceback_and_never_exit_1(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tilenorm_bmz.bmz.opening as opening
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(opening, "open_model", broken)
+    for args in (["halo", workdir / "good.pt"], ["validate", workdir / "good.pt", "--data", workdir / "image.npy"]):
+        result = run(*args)
+        assert result.exit_code == 3, result.output
+        assert "internal error" in result.output and "TypeError" in result.output

@@ -6,10 +6,11 @@ or could not run. Library code never prints; this module owns the console, loggi
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,6 +22,14 @@ from rich.table import Table
 from rich.text import Text
 
 from ._version import __version__
+from .config import (
+    EXAMPLE_KINDS,
+    GATE_CHECKS,
+    INPUT_NORM_KINDS,
+    NORMALIZATION_CHOICES,
+    REPORT_FORMATS,
+    GateConfig,
+)
 from .errors import TilenormError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,6 +49,27 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
 )
+
+def _choices(name: str, values: Sequence[str]) -> Any:
+    """A typer choice (a str Enum) of a vocabulary the configs define, so the CLI has no list of its own."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+NormalizationOption = _choices("NormalizationOption", NORMALIZATION_CHOICES)
+InputNormOption = _choices("InputNormOption", INPUT_NORM_KINDS)
+ExampleOption = _choices("ExampleOption", EXAMPLE_KINDS)
+ReportFormatOption = _choices("ReportFormatOption", REPORT_FORMATS)
+GateCheckOption = _choices("GateCheckOption", GATE_CHECKS)
+DEFAULT_NORMALIZATION = NormalizationOption("model")
+DEFAULT_REPORT_FORMAT = ReportFormatOption("json")
+
+
+def _default(model: Any, field: str) -> str:
+    """A config field's default, for help texts (never copied by hand)."""
+    value = model.model_fields[field].default
+    return ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+        else str(value)
+
 
 EXIT_OK = 0
 EXIT_REJECTED = 1
@@ -268,8 +298,6 @@ def _normalization_for(choice: str, handle: Any) -> Any:
     if choice in ("global", "tilewise"):
         base = {k: v for k, v in (recorded or {}).items() if k in ("lower", "upper", "clip", "eps")}
         return InputNormalization.model_validate({**base, "mode": choice})
-    if choice != "model":
-        raise UserError(f"--normalization must be model, global, tilewise or none; got {choice!r}")
     if recorded:
         return InputNormalization.model_validate(recorded)
     if handle.kind == "bioimageio":
@@ -323,12 +351,13 @@ def halo(
     model, dims = handle.network, handle.dims
     tiles = None
     if data is not None:
+        from .data import fit_normalization
         from .data.io import open_image
 
         img = open_image(data)
         norm = _normalization_for("model", handle)
         arr = img.read().astype("float32")
-        tiles = norm.fit(arr).apply(arr) if norm is not None else arr
+        tiles = fit_normalization(norm, arr).apply(arr) if norm is not None else arr
     report = receptive_field(
         model, dims, input_shape=parse_shape(input_shape, "--input-shape"), n_samples=samples, data=tiles,
         device=resolve_device(device), train_norm=train_mode,
@@ -393,7 +422,8 @@ def predict(
                                                   "(default: from the receptive field).")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
-    normalization: Annotated[str, typer.Option(help="model (as trained), global, tilewise or none.")] = "model",
+    normalization: Annotated[NormalizationOption, typer.Option(  # type: ignore[valid-type]
+        help="model: as trained; global or tilewise quantiles; none: raw values.")] = DEFAULT_NORMALIZATION,
     axes: Annotated[str | None, typer.Option(help="Axes of the input when the file does not say, e.g. cyx, czyx.")] = None,
     memory_gb: Annotated[float | None, typer.Option("--memory-gb", help="Memory budget of one forward pass "
                                                     "when choosing the tile.")] = None,
@@ -426,7 +456,7 @@ def predict(
     try:
         summary = predict_file(
             model, input_path, output, tile_shape=parse_shape(tile, "--tile"), halo=halo_t, batch_size=batch_size,
-            device=device, normalization=_normalization_for(normalization, handle), divisor=handle.divisor,
+            device=device, normalization=_normalization_for(normalization.value, handle), divisor=handle.divisor,
             memory_budget=int(memory_gb * 2**30) if memory_gb else None, workers=workers, scheduler=scheduler,
             overwrite=overwrite, progress=not as_json, input_axes=axes,
         )
@@ -495,8 +525,9 @@ def package(
                                                 "product of its strides, checked).")] = None,
     halo: Annotated[str | None, typer.Option(help="Halo override: one int or one per axis (z,y,x); default from "
                                                   "the receptive field.")] = None,
-    input_norm: Annotated[str | None, typer.Option("--input-norm", help="percentile (per-image scale_range, as "
-                                                   "trained) or fixed (scale_linear; tile-consistent in ilastik).")] = None,
+    input_norm: Annotated[InputNormOption | None, typer.Option(  # type: ignore[valid-type]
+        "--input-norm", help="percentile (per-image scale_range, as trained) or fixed (scale_linear; "
+        "tile-consistent in ilastik).")] = None,
     onnx: Annotated[bool, typer.Option("--onnx", help="Also write ONNX weights (opset 17, one file).")] = False,
     no_legacy: Annotated[bool, typer.Option("--no-legacy", help="Write format 0.5.12 as is (ilastik and "
                                                                 "deepImageJ cannot read it yet).")] = False,
@@ -527,9 +558,7 @@ def package(
     if author:
         updates["authors"] = [PersonConfig(name=a) for a in author]
     if input_norm is not None:
-        if input_norm not in ("percentile", "fixed"):
-            raise UserError(f"--input-norm must be 'percentile' or 'fixed', got {input_norm!r}")
-        updates["input_norm"] = input_norm
+        updates["input_norm"] = input_norm.value
     if halo is not None:
         values = parse_shape(halo, "--halo")
         assert values is not None
@@ -605,7 +634,8 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Train to this global step (overrides the config).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (overrides the config).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue exactly from this checkpoint (last.pt).")] = None,
-    example: Annotated[str | None, typer.Option(help="Print the commented example config '2d' or '3d' and exit.")] = None,
+    example: Annotated[ExampleOption | None, typer.Option(  # type: ignore[valid-type]
+        help="Print this commented example config and exit.")] = None,
     trust_code: TrustOption = False,
 ) -> None:
     """Train a U-Net (any norm kind; BatchRenorm with the paper's schedule) from images and instance labels.
@@ -620,9 +650,7 @@ def train(
     if example is not None:
         from .train import example_yaml
 
-        if example not in ("2d", "3d"):
-            raise UserError(f"--example must be 2d or 3d, got {example!r}")
-        typer.echo(example_yaml(example), nl=False)  # type: ignore[arg-type]
+        typer.echo(example_yaml(example.value), nl=False)
         return
     if config is None and resume is None:
         raise UserError("give a config file (see `tilenorm-bmz train --example 2d`) or --resume CHECKPOINT")
@@ -764,18 +792,21 @@ def validate(
     labels: Annotated[list[Path] | None, typer.Option("--labels", help="Labels per image: instance labels or "
                                                       "one semantic mask per output channel.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="GateConfig YAML (thresholds and settings).")] = None,
-    max_dist: Annotated[float | None, typer.Option("--max-dist", help="Tile mismatch threshold (default 1e-4).")] = None,
+    max_dist: Annotated[float | None, typer.Option("--max-dist", help="Tile mismatch threshold (default "
+                                                   f"{_default(GateConfig, 'max_dist')}).")] = None,
     max_disparity: Annotated[float | None, typer.Option("--max-disparity", help="Train/eval disparity threshold "
-                                                        "per channel (default 0.05).")] = None,
+                                                        f"per channel (default {_default(GateConfig, 'max_disparity')})."
+                                                        )] = None,
     max_seam: Annotated[float | None, typer.Option("--max-seam", help="Tiled vs whole threshold per consumer "
-                                                   "(default 1e-4).")] = None,
+                                                   f"(default {_default(GateConfig, 'max_seam')}).")] = None,
     min_dice: Annotated[float | None, typer.Option("--min-dice", help="Smallest Dice against the labels "
                                                    "(default: informational).")] = None,
-    skip: Annotated[list[str] | None, typer.Option("--skip", help="Check to skip: bioimageio, tile_mismatch, "
-                                                   "disparity, tiled_vs_whole, consumers, halo, sweep, dice.")] = None,
+    skip: Annotated[list[GateCheckOption] | None, typer.Option(  # type: ignore[valid-type]
+        "--skip", help="Check to skip (repeat for several).")] = None,
     gating_consumers: Annotated[str | None, typer.Option("--gating-consumers", help="Consumers whose seams decide, "
-                                                         "comma separated (default tilenorm-bmz,bioimageio.core; "
-                                                         "add ilastik for the strictest rule).")] = None,
+                                                         "comma separated (default "
+                                                         f"{_default(GateConfig, 'gating_consumers')}; add ilastik "
+                                                         "for the strictest rule).")] = None,
     halo_size: Annotated[str | None, typer.Option("--halo", help="Halo for checkpoints: one int or one per axis "
                                                   "(default: from the receptive field).")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when present), cpu, cuda, cuda:1, ...")] = None,
@@ -783,8 +814,9 @@ def validate(
     axes: Annotated[str | None, typer.Option(help="Axes of the data files when they do not say, e.g. cyx.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for report.json and report.html.")] = Path(
         "validation"),
-    report_format: Annotated[str, typer.Option("--report-format", help="json (report.json + report.html) or "
-                                               "collection (also the bioimage.io collection's tool report).")] = "json",
+    report_format: Annotated[ReportFormatOption, typer.Option(  # type: ignore[valid-type]
+        "--report-format", help="json (report.json + report.html) or collection (also the bioimage.io "
+        "collection's tool report).")] = DEFAULT_REPORT_FORMAT,
     record: Annotated[Path | None, typer.Option("--record", help="Write a copy of the package with the accepted "
                                                 "figures in config.tilenorm_bmz (re-tested).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --record output.")] = False,
@@ -798,19 +830,10 @@ def validate(
     check says what was measured, the threshold, and what to do. The model is never modified.
     """
     from .bmz import GateInputError, collection_report, validate_package, write_collection_report
-    from .config import GATE_CHECKS, GATE_CONSUMERS
 
-    if report_format not in ("json", "collection"):
-        raise UserError(f"--report-format must be json or collection, got {report_format!r}")
-    unknown = [s for s in skip or [] if s not in GATE_CHECKS]
-    if unknown:
-        raise UserError(f"--skip {', '.join(unknown)}: not a check; choose from {', '.join(GATE_CHECKS)}")
-    gating = None
+    gating = None  # checked by GateConfig, like the same list in a YAML file
     if gating_consumers is not None:
         gating = [c.strip() for c in gating_consumers.split(",") if c.strip()]
-        bad = [c for c in gating if c not in GATE_CONSUMERS]
-        if bad:
-            raise UserError(f"--gating-consumers {', '.join(bad)}: choose from {', '.join(GATE_CONSUMERS)}")
     halo_t = parse_shape(halo_size, "--halo") if halo_size else None
     cfg = _gate_config(
         config, max_dist=max_dist, max_disparity=max_disparity, max_seam=max_seam, min_dice=min_dice,
@@ -818,7 +841,8 @@ def validate(
         halo=None if halo_t is None else (halo_t[0] if len(halo_t) == 1 else list(halo_t)),
     )
     if skip:
-        cfg = cfg.model_copy(update={"checks": [c for c in cfg.checks if c not in skip]})
+        skipped = {c.value for c in skip}
+        cfg = cfg.model_copy(update={"checks": [c for c in cfg.checks if c not in skipped]})
     if record is not None:
         if record.exists() and not overwrite:
             raise UserError(f"{record} exists; choose another --record output or pass --overwrite")
@@ -831,13 +855,13 @@ def validate(
         except (RuntimeError, OSError) as e:  # e.g. the network fails on the data: could not run, not rejected
             raise UserError(f"the gate could not run on {model_path}: {type(e).__name__}: {e}") from e
     except (GateInputError, UserError, ValueError, FileNotFoundError, ImportError) as e:
-        if report_format == "collection":
+        if report_format.value == "collection":
             path = write_collection_report(out, collection_report(error=e))
             err_console.print(f"wrote {path}")
         raise
     _print_gate(report)
     console.print(f"report: {report.report_html} ({report.report_json.name if report.report_json else ''})")
-    if report_format == "collection":
+    if report_format.value == "collection":
         console.print(f"collection report: {write_collection_report(out, collection_report(report))}")
     if record is not None:
         if not report.accepted:

@@ -98,7 +98,7 @@ def _calibration_batches(
     paths: Sequence[Path], n_tiles: int, tile_shape: tuple[int, ...], divisor: tuple[int, ...],
     in_channels: int | None, normalization: Any, seed: int = 0,
 ) -> Iterator[torch.Tensor]:
-    from .data import open_image
+    from .data import fit_normalization, open_image
 
     rng = np.random.default_rng(seed)
     images = [open_image(p) for p in paths]
@@ -110,7 +110,7 @@ def _calibration_batches(
                 f"{img.path}: a {len(tile_shape)}D network cannot be calibrated on an image with "
                 f"{len(img.shape) - 1} spatial axes (shape {img.shape})"
             )
-    fitted = [normalization.fit(img) for img in images]
+    fitted = [fit_normalization(normalization, img) for img in images]
     for i in range(n_tiles):
         k = i % len(images)
         img = images[k]

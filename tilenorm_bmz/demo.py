@@ -125,10 +125,10 @@ def run_demo(
 
     t0 = time.perf_counter()
     model, info = load_checkpoint(result.last)
-    from .data import InputNormalization, load_sample
+    from .data import InputNormalization, fit_normalization, load_sample
 
     full, _ = load_sample("nuclei2d")
-    norm = InputNormalization.model_validate(info.extra["input_normalization"]).fit(full)
+    norm = fit_normalization(InputNormalization.model_validate(info.extra["input_normalization"]), full)
     x = norm.apply(full)
     halo = tuple(int(h) for h in exported.halo.values())
     tiled = TiledPredictor(model, (128, 128), halo, batch_size=4, device=device).predict(x)

@@ -50,6 +50,7 @@ from pydantic import Field
 from ..config import GateConsumer
 from ..introspect import ceil_to, resolve_device
 from ..metrics import MetricResult, TiledVsWholeResult, tiled_vs_whole
+from ..progress import track
 from .subject import GateSubject, reorder_back
 
 __all__ = [
@@ -222,17 +223,6 @@ class _Pipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.pp.__exit__(*exc)
-
-
-def _track(items: Sequence[Any], description: str, enabled: bool) -> Iterator[Any]:
-    """Iterate, with a rich progress bar on stderr only when ``enabled``."""
-    if not enabled:
-        yield from items
-        return
-    from rich.console import Console
-    from rich.progress import track
-
-    yield from track(items, description=description, console=Console(stderr=True), transient=True)
 
 
 def _not_applicable(consumer: GateConsumer, reason: str) -> ConsumerSeams:
@@ -418,7 +408,7 @@ def emulate_ilastik(
 
         def tiled(image: np.ndarray) -> np.ndarray:
             result: np.ndarray | None = None
-            for roi, read, pad, local in _track(blocks, "ilastik emulation", progress):
+            for roi, read, pad, local in track(blocks, "ilastik emulation", progress):
                 x = np.pad(image[(slice(None), *read)], ((0, 0), *pad), mode="reflect")
                 y = run_tile(x)
                 if result is None:

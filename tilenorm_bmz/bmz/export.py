@@ -30,9 +30,11 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from .._json import jsonable
 from .._version import __version__
 from ..checkpoint import ArchitectureSpec, CheckpointInfo, architecture_of, read_checkpoint
 from ..config import ExportConfig
+from ..progress import progress_bar
 from .artifacts import crop_test_input, load_sample, make_test_tensors, write_cover
 from .compat import CompatibilityReport, check_compatibility
 from .documentation import DocumentationContext, render_readme
@@ -322,12 +324,10 @@ def export_package(
     out.parent.mkdir(parents=True, exist_ok=True)
 
     steps = ["network", "geometry", "test data", "weights", "package", "test", "gate"]
-    bar = _progress(progress, len(steps))
-    with bar as tracker:
+    with progress_bar(progress, len(steps), "package") as advance:
         def step(name: str) -> None:
             logger.info("export: %s", name)
-            if tracker is not None:
-                tracker.advance(name)
+            advance(info=name)
 
         # 1. the network ------------------------------------------------------------------------------------
         step("network")
@@ -472,35 +472,6 @@ def export_package(
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-class _Tracker:
-    def __init__(self, progress: Any, task: Any) -> None:
-        self._progress, self._task = progress, task
-
-    def advance(self, description: str) -> None:
-        self._progress.update(self._task, advance=1, description=f"package: {description}")
-
-
-class _progress:
-    """A rich progress bar over the export steps when asked, else nothing."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
-        self._bar: Any = None
-
-    def __enter__(self) -> _Tracker | None:
-        if not self.enabled:
-            return None
-        from rich.progress import Progress
-
-        self._bar = Progress(transient=True)
-        self._bar.__enter__()
-        return _Tracker(self._bar, self._bar.add_task("package", total=self.total))
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-
 def _whole(image: Any) -> Any:
     import numpy as np
 
@@ -542,13 +513,7 @@ def _tool_config(
         "gate": dict(gate_results) if gate_results else {"status": "not run"},
         "legacy_format": cfg.legacy,
     }
-    return _jsonable(cfg_out)
-
-
-def _jsonable(value: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(value, default=str))
+    return jsonable(cfg_out)
 
 
 def _documentation(cfg: ExportConfig, stage: Path, ctx: DocumentationContext) -> Path:

@@ -171,6 +171,7 @@ class GateSubject:
 # -- checkpoints -----------------------------------------------------------------------------------------
 def _checkpoint_subject(path: Path, trust_code: bool) -> GateSubject:
     from ..config import InputNormalization
+    from ..data import fit_normalization
     from .opening import open_model
 
     handle = open_model(path, trust_code=trust_code, allow=("checkpoint", "bioimageio"))
@@ -185,7 +186,7 @@ def _checkpoint_subject(path: Path, trust_code: bool) -> GateSubject:
         logger.warning(notes[-1])
 
     def preprocess(raw: np.ndarray) -> np.ndarray:
-        return settings.fit(raw).apply(raw)
+        return fit_normalization(settings, raw).apply(raw)
 
     return GateSubject(
         source=path, kind="checkpoint", name=path.name, dims=dims, in_channels=handle.in_channels,

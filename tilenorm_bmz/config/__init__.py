@@ -23,39 +23,66 @@ from __future__ import annotations
 
 from ._base import StrictModel, atomic_write_text
 from .data import (
+    NORMALIZATION_CHOICES,
     SAMPLE_NAMES,
     DataConfig,
     InputNormalization,
+    NormalizationChoice,
     NormalizationMode,
     SampleName,
     SplitConfig,
     SyntheticConfig,
     TargetConfig,
 )
-from .export import WEIGHT_FORMATS, CitationConfig, ExportConfig, MaintainerConfig, PersonConfig, WeightFormat
-from .gate import GATE_CHECKS, GATE_CONSUMERS, GateCheck, GateConfig, GateConsumer
+from .export import (
+    INPUT_NORM_KINDS,
+    WEIGHT_FORMATS,
+    CitationConfig,
+    ExportConfig,
+    InputNormKind,
+    MaintainerConfig,
+    PersonConfig,
+    WeightFormat,
+)
+from .gate import (
+    GATE_CHECKS,
+    GATE_CONSUMERS,
+    REPORT_FORMATS,
+    GateCheck,
+    GateConfig,
+    GateConsumer,
+    ReportFormat,
+)
 from .model import NORM_KINDS, NormConfig, NormKind, PoolFactor, RenormSchedule, UNetConfig
-from .train import TrainConfig
+from .train import EXAMPLE_KINDS, ExampleKind, TrainConfig
 
 __all__ = [
+    "EXAMPLE_KINDS",
     "GATE_CHECKS",
     "GATE_CONSUMERS",
+    "INPUT_NORM_KINDS",
+    "NORMALIZATION_CHOICES",
     "NORM_KINDS",
+    "REPORT_FORMATS",
     "SAMPLE_NAMES",
     "WEIGHT_FORMATS",
     "CitationConfig",
     "DataConfig",
+    "ExampleKind",
     "ExportConfig",
     "GateCheck",
     "GateConfig",
     "GateConsumer",
+    "InputNormKind",
     "InputNormalization",
     "MaintainerConfig",
     "NormConfig",
     "NormKind",
+    "NormalizationChoice",
     "NormalizationMode",
     "PersonConfig",
     "PoolFactor",
+    "ReportFormat",
     "RenormSchedule",
     "SampleName",
     "SplitConfig",

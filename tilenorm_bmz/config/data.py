@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Self, get_args
+from typing import Literal, Self, get_args
 
 from pydantic import Field, field_validator, model_validator
 
 from ._base import StrictModel
-
-if TYPE_CHECKING:  # the numeric side of InputNormalization; imported lazily at call time (no cycle)
-    from ..data.normalize import FittedNormalization
 
 __all__ = [
     "SAMPLE_NAMES",
@@ -25,6 +22,9 @@ __all__ = [
 ]
 
 NormalizationMode = Literal["global", "tilewise", "fixed"]
+NormalizationChoice = Literal["model", "global", "tilewise", "none"]
+"""What ``predict --normalization`` may ask for: as the model was trained, a mode with its quantiles, or none."""
+NORMALIZATION_CHOICES: tuple[str, ...] = get_args(NormalizationChoice)
 SampleName = Literal["nuclei2d", "nuclei3d", "synthetic"]
 #: Values of ``DataConfig.sample``: the embedded real data sets and the synthetic generator.
 SAMPLE_NAMES: tuple[str, ...] = get_args(SampleName)
@@ -46,7 +46,8 @@ class InputNormalization(StrictModel):
       settings; it makes outputs depend on the tile and so causes seams).
     * ``fixed``: ``lo = low``, ``hi = high``, one value per channel (or one value for all channels).
 
-    The numeric side lives in :mod:`tilenorm_bmz.data.normalize`: :meth:`fit` returns a
+    The numeric side lives in :mod:`tilenorm_bmz.data.normalize`: :func:`~tilenorm_bmz.data.fit_normalization`
+    returns a
     :class:`~tilenorm_bmz.data.normalize.FittedNormalization` whose ``apply`` normalizes arrays. A model
     stores the setting it was trained with as ``checkpoint.extra["input_normalization"] =
     model_dump(mode="json")``.
@@ -110,16 +111,6 @@ class InputNormalization(StrictModel):
     def percentiles(self) -> tuple[float, float]:
         """``(100 * lower, 100 * upper)``: the bioimage.io ``scale_range`` percentiles."""
         return 100.0 * self.lower, 100.0 * self.upper
-
-    def fit(self, image: Any, *, progress: bool = False) -> FittedNormalization:
-        """Per-channel ``lo``/``hi`` of ``image`` (an ``Image`` or an array ``(C, *spatial)``).
-
-        See :func:`tilenorm_bmz.data.normalize.fit_normalization`; for ``tilewise`` nothing is computed
-        here and ``apply`` computes the quantiles of every tile it is given.
-        """
-        from ..data.normalize import fit_normalization  # call-time import: config does not depend on data
-
-        return fit_normalization(self, image, progress=progress)
 
 
 class TargetConfig(StrictModel):

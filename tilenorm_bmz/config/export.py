@@ -19,6 +19,9 @@ __all__ = [
 ]
 
 WeightFormat = Literal["pytorch_state_dict", "torchscript", "onnx"]
+InputNormKind = Literal["percentile", "fixed"]
+"""A package's preprocessing: per-image percentile ``scale_range``, or ``scale_linear`` with fixed values."""
+INPUT_NORM_KINDS: tuple[str, ...] = get_args(InputNormKind)
 #: Weight formats ``tilenorm-bmz package`` can write (torchscript is what deepImageJ and ilastik run).
 WEIGHT_FORMATS: tuple[str, ...] = get_args(WeightFormat)
 
@@ -98,7 +101,7 @@ class ExportConfig(StrictModel):
     documentation: Path | None = None
     covers: list[Path] = []
     weight_formats: list[WeightFormat] = ["pytorch_state_dict", "torchscript"]
-    input_norm: Literal["percentile", "fixed"] = "percentile"
+    input_norm: InputNormKind = "percentile"
     halo: int | list[int] | None = None
     legacy: bool = True
 

@@ -15,6 +15,9 @@ GateCheck = Literal["bioimageio", "tile_mismatch", "disparity", "tiled_vs_whole"
 #: The checks of the validation gate, in the order they run (``GateConfig.checks``).
 GATE_CHECKS: tuple[str, ...] = get_args(GateCheck)
 GateConsumer = Literal["tilenorm-bmz", "bioimageio.core", "ilastik"]
+ReportFormat = Literal["json", "collection"]
+"""``json``: report.json + report.html; ``collection``: also the bioimage.io collection's tool report."""
+REPORT_FORMATS: tuple[str, ...] = get_args(ReportFormat)
 #: Predictors the gate emulates when it measures seams (``GateConfig.gating_consumers``).
 GATE_CONSUMERS: tuple[str, ...] = get_args(GateConsumer)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Literal, Self, get_args
 
 from pydantic import Field, model_validator
 
@@ -12,6 +12,10 @@ from .model import RenormSchedule, UNetConfig
 
 __all__ = ["TrainConfig"]
 
+
+ExampleKind = Literal["2d", "3d"]
+"""The commented example configs ``tilenorm-bmz train --example`` prints."""
+EXAMPLE_KINDS: tuple[str, ...] = get_args(ExampleKind)
 
 class TrainConfig(StrictModel):
     """A training run: network, data, optimizer and the BatchRenorm schedule (``tilenorm-bmz train``).

@@ -5,8 +5,9 @@ Contracts other modules rely on:
 
 * :func:`open_image` -> :class:`Image` with ``shape == (C, *spatial)``; ``image[region]`` reads only that
   region (a new ndarray). :func:`open_labels` -> the same without the channel axis.
-* :class:`InputNormalization` (a pydantic config, defined in :mod:`tilenorm_bmz.config`) ``.fit(image)``
-  -> :class:`FittedNormalization` whose ``apply(x (C, *spatial))`` returns float32.
+* :func:`fit_normalization` ``(settings, image)`` with an :class:`InputNormalization` (a pydantic config,
+  defined in :mod:`tilenorm_bmz.config`) -> :class:`FittedNormalization` whose ``apply(x (C, *spatial))``
+  returns float32.
 * :class:`TileSampler` yields :class:`Tile` objects: ``image`` ``(C, *tile)`` float32 normalized and
   ``target`` ``(K, *tile)`` (foreground, boundary[, background]); its ``state_dict()`` resumes exactly.
 * :func:`create_output` / :class:`OutputArray` (Zarr, atomic finalize, chunk-aligned concurrent writes)

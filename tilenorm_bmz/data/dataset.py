@@ -20,7 +20,7 @@ import numpy as np
 from ..config import DataConfig
 from .io import Image, open_image, open_labels
 from .labels import instances_to_targets
-from .normalize import FittedNormalization
+from .normalize import FittedNormalization, fit_normalization
 from .sampler import Region, SamplerSource, TileSampler, split_by_image, split_by_region
 from .samples import sample_path
 from .synthetic import synthetic_blobs
@@ -146,7 +146,7 @@ def build_training_data(
     pairs = open_pairs(cfg, base_dir=base_dir)
     norm = cfg.input_normalization
     tg = cfg.targets
-    fitted = [norm.fit(p.image, progress=progress) for p in pairs]
+    fitted = [fit_normalization(norm, p.image, progress=progress) for p in pairs]
     targets = [
         instances_to_targets(
             p.labels.read(),

@@ -148,12 +148,9 @@ def _sampled_quantiles(
     chosen = rng.choice(n_blocks_total, size=n, replace=False)
     chosen.sort()  # read in storage order
     parts: list[np.ndarray] = []
-    iterator: Any = chosen
-    if progress:
-        from rich.progress import track
+    from ..progress import track
 
-        iterator = track(chosen, description="sampling blocks for normalization")
-    for flat_index in iterator:
+    for flat_index in track(chosen, "sampling blocks for normalization", progress):
         pos = np.unravel_index(int(flat_index), grid)
         sl = tuple(slice(p * b, min((p + 1) * b, s)) for p, b, s in zip(pos, blk, spatial, strict=True))
         block = image[(slice(None), *sl)]

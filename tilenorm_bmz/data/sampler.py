@@ -19,7 +19,7 @@ import numpy as np
 from ..config import InputNormalization
 from .io import Image, as_image
 from .labels import instances_to_targets
-from .normalize import FittedNormalization
+from .normalize import FittedNormalization, fit_normalization
 
 __all__ = [
     "Region",
@@ -205,7 +205,7 @@ class TileSampler:
                 raise ValueError(f"fitted has {len(fitted)} entries for {len(self.images)} sources")
             self.fitted = list(fitted)
         else:
-            self.fitted = [self.normalization.fit(img) for img in self.images]
+            self.fitted = [fit_normalization(self.normalization, img) for img in self.images]
         sizes = np.array([math.prod(s.stop - s.start for s in r) for r in self.regions], dtype=np.float64)
         self._p = sizes / sizes.sum()
 

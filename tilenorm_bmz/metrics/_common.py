@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from ..introspect import ceil_to, model_divisor, resolve_device, round_down
+from ..progress import track
 
 __all__ = [
     "ArrayLike",
@@ -156,12 +157,3 @@ def predict_batched(model: Predictor, tiles: Tensor, batch_size: int, device: to
     return torch.cat(outs)
 
 
-def track(iterable: Sequence[Any], description: str, enabled: bool) -> Iterator[Any]:
-    """Iterate, with a rich progress bar on stderr only when ``enabled`` (library code never prints)."""
-    if not enabled:
-        yield from iterable
-        return
-    from rich.console import Console
-    from rich.progress import track as rich_track
-
-    yield from rich_track(iterable, description=description, console=Console(stderr=True), transient=True)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
+from .._json import jsonable
 from .._version import __version__
 from ..config import atomic_write_text
 from ..metrics import (
@@ -171,7 +172,7 @@ class Report(BaseModel):
             "results": results,
             "data": [d.model_dump(mode="json") for d in self.data],
             "environment": self.environment.model_dump(mode="json"),
-            "extra": _jsonable(self.extra),
+            "extra": jsonable(self.extra),
         }
 
     def to_html(self) -> str:
@@ -188,22 +189,6 @@ class Report(BaseModel):
         html_path = atomic_write_text(out / "report.html", self.to_html())
         logger.info("wrote %s and %s", json_path, html_path)
         return ReportPaths(json=json_path, html=html_path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def write_report(

@@ -331,11 +331,11 @@ def render_html(report: Report) -> str:
         )
     parts.append(_section("environment", "Environment", _table(env_rows, ("", "version / value"))))
     if report.extra:
-        from .document import _jsonable
+        from .._json import jsonable
 
         parts.append(
             _section(
-                "extra", "Further results", f"<pre>{_e(json.dumps(_jsonable(report.extra), indent=2))}</pre>"
+                "extra", "Further results", f"<pre>{_e(json.dumps(jsonable(report.extra), indent=2))}</pre>"
             )
         )
     parts.append(

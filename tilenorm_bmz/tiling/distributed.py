@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..progress import progress_bar
 from .blocks import Block, Tiling
-from .predictor import ArrayLike, TiledPredictor, _output_chunks, _progress_bar
+from .predictor import ArrayLike, TiledPredictor, _output_chunks
 
 __all__ = ["predict_dask", "local_client"]
 
@@ -112,7 +113,7 @@ def predict_dask(
         for i, g in enumerate(groups)
     ]
     try:
-        with _progress_bar(progress, len(indices), "blocks") as advance:
+        with progress_bar(progress, len(indices), "blocks") as advance:
             for fut in distributed.as_completed(futures):
                 advance(fut.result())
     except BaseException:

@@ -25,6 +25,7 @@ import numpy as np
 from torch import nn
 
 from ..config import InputNormalization, StrictModel
+from ..data.normalize import fit_normalization
 from ..introspect import ceil_to, model_divisor, resolve_device
 from .blocks import max_inner_size
 from .distributed import local_client, predict_dask
@@ -207,7 +208,7 @@ def predict_file(
             if isinstance(normalization, InputNormalization)
             else InputNormalization.model_validate(normalization)
         )
-        fitted = settings.fit(image, progress=progress)
+        fitted = fit_normalization(settings, image, progress=progress)
     predictor = TiledPredictor(
         model,
         tile_shape,

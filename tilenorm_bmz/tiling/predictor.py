@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..introspect import ceil_to, model_divisor, resolve_device
+from ..progress import progress_bar
 from .blocks import Block, Tiling
 
 __all__ = ["TiledPredictor", "forward_whole"]
@@ -328,7 +329,7 @@ class TiledPredictor:
             if batch is not None:
                 pending.append((batch, reader.submit(read, batch)))
 
-        bar = _progress_bar(self.progress, n_total)
+        bar = progress_bar(self.progress, n_total, "tiles")
         try:
             with bar as advance:
                 for _ in range(self.prefetch):
@@ -455,35 +456,6 @@ class _ModelPayload:
             model.load_state_dict(state)
             return model
         return self.data
-
-
-class _NoBar:
-    def __enter__(self) -> Callable[[int], None]:
-        return lambda n: None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-class _RichBar:
-    def __init__(self, total: int | None, description: str) -> None:
-        from rich.progress import Progress
-
-        self._progress = Progress(transient=False)
-        self._total = total
-        self._description = description
-
-    def __enter__(self) -> Callable[[int], None]:
-        self._progress.start()
-        task = self._progress.add_task(self._description, total=self._total)
-        return lambda n: self._progress.advance(task, n)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._progress.stop()
-
-
-def _progress_bar(enabled: bool, total: int | None, description: str = "tiles") -> _NoBar | _RichBar:
-    return _RichBar(total, description) if enabled else _NoBar()
 
 
 def forward_whole(

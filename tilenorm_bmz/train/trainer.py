@@ -31,6 +31,7 @@ from ..data.dataset import TrainingData
 from ..introspect import resolve_device
 from ..models import UNet
 from ..norm import BatchRenorm
+from ..progress import progress_bar
 from .loss import dice_loss
 
 __all__ = ["StepLog", "TrainResult", "Trainer", "resolve_device", "train"]
@@ -547,15 +548,7 @@ def _plot_curves(history: list[StepLog], path: Path) -> None:
 # -- progress ------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Callable[[StepLog, float | None], None]]:
-    if not enabled:
-        yield lambda log, best: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns) as prog:
-        task = prog.add_task("train", total=total, completed=completed, info="")
+    with progress_bar(enabled, total, "train", completed=completed) as advance:
         last_val = ""
 
         def update(log: StepLog, best: float | None) -> None:
@@ -569,6 +562,6 @@ def _progress_bar(enabled: bool, total: int, completed: int) -> Iterator[Callabl
                     last_val += " | disp " + " ".join(f"{v:.3f}" for v in log.disparity.values())
             if last_val:
                 parts.append(last_val)
-            prog.update(task, completed=log.step, info="  ".join(parts))
+            advance(completed=log.step, info="  ".join(parts))
 
         yield update
