@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import stat
+import sys
 import zipfile
 from pathlib import Path
 
@@ -306,3 +307,109 @@ def test_a_bug_shows_its_traceback_and_never_exit_1(workdir: Path, monkeypatch: 
         result = run(*args)
         assert result.exit_code == 3, result.output
         assert "internal error" in result.output and "TypeError" in result.output
+
+
+# -- found in review: each a way around the policy, closed ---------------------------------------------------
+@pytest.mark.bmz
+def test_choosing_torchscript_weights_never_runs_the_state_dict_code(packages: dict[str, Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    (tmp_path / "gate.yaml").write_text("weights: torchscript\n")
+    result = run("validate", packages["evil_code"], "--data", packages["image"], "--config", tmp_path / "gate.yaml",
+                 "--out", tmp_path / "r")
+    assert result.exit_code in (EXIT_OK, EXIT_REJECTED), result.output
+    assert not marker.exists()
+
+
+@pytest.mark.bmz
+@pytest.mark.slow
+def test_a_package_claiming_our_unet_with_other_code_is_not_trusted(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from tilenorm_bmz.bmz._yaml import dump_yaml, load_yaml
+
+    zoo = Path(__file__).parents[1] / "model_zoo" / "nuclei2d-batchrenorm" / "nuclei2d-batchrenorm.bioimageio.zip"
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    with zipfile.ZipFile(zoo) as zf:
+        code = zf.read("unet.py").decode()
+        rdf = load_yaml(zf.read("rdf.yaml").decode())
+    tampered = (f"import os as _os\nif _os.environ.get({MARKER_ENV!r}):\n"
+                f"    open(_os.environ[{MARKER_ENV!r}], 'w').write('ran')\n" + code)
+    arch = rdf["weights"]["pytorch_state_dict"]["architecture"]
+    arch["sha256"] = hashlib.sha256(tampered.encode()).hexdigest()  # consistent, so integrity passes
+    pkg = _rewrite(zoo, tmp_path / "claims_unet.zip", replace={"unet.py": tampered.encode(),
+                                                             "rdf.yaml": dump_yaml(rdf).encode()})
+    refused = run("convert", pkg, "-o", tmp_path / "brn.pt")  # its file is not our UNet: it needs trust
+    assert refused.exit_code == EXIT_BAD_INPUT and "--trust-code" in refused.output
+    result = run("validate", pkg, "--out", tmp_path / "r", "--skip", "consumers", "--skip", "sweep")
+    assert result.exit_code in (EXIT_OK, EXIT_REJECTED), result.output
+    assert not marker.exists()
+
+
+def test_library_networks_that_load_files_or_are_not_allowlisted_need_trust() -> None:
+    from tilenorm_bmz.checkpoint import ArchitectureSpec, build_model, needs_trust
+    from tilenorm_bmz.errors import TrustError
+
+    for spec in (
+        ArchitectureSpec(kind="callable", target="torch_em.model.unetr:UNETR",  # unpickles encoder_checkpoint
+                         kwargs={"encoder_checkpoint": "/tmp/evil.pt"}),
+        ArchitectureSpec(kind="callable", target="torch_em.model:UNet2d", kwargs={"checkpoint": "/tmp/x.pt"}),
+        ArchitectureSpec(kind="callable", target="monai.networks.nets:torch.nn.Linear", kwargs={}),
+        ArchitectureSpec(kind="callable", target="monai.networks.nets.hovernet:HoVerNet",
+                         kwargs={"pretrained_url": "https://example.invalid/w.pt"}),
+    ):
+        assert needs_trust(spec), spec
+        with pytest.raises(TrustError, match="--trust-code"):
+            build_model(spec)
+    assert not needs_trust(ArchitectureSpec(kind="callable", target="monai.networks.nets:BasicUNet",
+                                            kwargs={"spatial_dims": 2}))
+
+
+def test_a_trusted_name_must_resolve_inside_its_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tilenorm_bmz.checkpoint import ArchitectureSpec, build_model
+    from tilenorm_bmz.errors import TrustError
+
+    # a module that poses as torch_em.model but re-exports a class from elsewhere
+    pkg = tmp_path / "torch_em" / "model"
+    pkg.mkdir(parents=True)
+    (tmp_path / "torch_em" / "__init__.py").write_text("")
+    (tmp_path / "elsewhere.py").write_text("import torch\nclass UNet2d(torch.nn.Identity):\n    pass\n")
+    (pkg / "__init__.py").write_text("from elsewhere import UNet2d\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(TrustError, match="not a network class of the trusted libraries"):
+            build_model(ArchitectureSpec(kind="callable", target="torch_em.model:UNet2d"))
+    finally:
+        for name in [m for m in sys.modules if m.startswith(("torch_em", "elsewhere"))]:
+            del sys.modules[name]
+
+
+@pytest.mark.bmz
+def test_any_link_in_an_unpacked_package_is_refused(packages: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "pkg"
+    with zipfile.ZipFile(packages["good"]) as zf:
+        zf.extractall(folder)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the package")
+    (folder / "notes.txt").symlink_to(secret)  # named by nothing in the rdf
+    result = run("validate", folder, "--data", packages["image"], "--out", tmp_path / "r", "--trust-code")
+    assert result.exit_code == EXIT_REJECTED, result.output
+    assert "symbolic link" in (tmp_path / "r" / "report.json").read_text()
+
+
+def test_many_small_compressible_members_are_a_zip_bomb_too(tmp_path: Path) -> None:
+    from tilenorm_bmz.bmz.archive import ArchiveLimits, open_package
+    from tilenorm_bmz.errors import IntegrityError
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("rdf.yaml", "type: model\n")
+        for i in range(8):
+            zf.writestr(f"part{i}.bin", bytes(2**20))  # each below the per-member floor
+    limits = ArchiveLimits(ratio_floor_bytes=4 * 2**20)
+    with pytest.raises(IntegrityError, match="the archive expands"):
+        with open_package(bomb, limits=limits):
+            pass

@@ -32,7 +32,6 @@ import logging
 import os
 import pickle
 import sys
-import tempfile
 import types
 from dataclasses import dataclass, field
 from enum import Enum
@@ -45,6 +44,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ._version import __version__
+from .atomic import publish, remove_stale, temp_sibling
 from .config import RenormSchedule
 from .errors import TilenormError, TrustError
 
@@ -72,9 +72,19 @@ class CheckpointError(TilenormError, ValueError):
     """A file is not a valid tilenorm-bmz checkpoint (truncated, foreign, or modified)."""
 
 
-#: Installed libraries whose network classes a file may name without ``--trust-code``: building one runs the
-#: library's code (what the user installed), not code the file carries. Only ``nn.Module`` subclasses count.
-TRUSTED_NETWORK_MODULES = ("tilenorm_bmz.models", "torch_em.model", "monai.networks.nets")
+#: Network classes of installed libraries that a file may name without ``--trust-code``: building one runs the
+#: library's code (what the user installed), not code the file carries. Only these classes (checked by where
+#: they are defined, after import), and only with kwargs that name no file or URL: some library networks load
+#: a checkpoint named in their kwargs (torch-em's UNETR unpickles ``encoder_checkpoint``), others download.
+TRUSTED_NETWORKS: dict[str, frozenset[str]] = {
+    "tilenorm_bmz.models": frozenset({"UNet"}),
+    "torch_em.model": frozenset({"UNet2d", "UNet3d", "AnisotropicUNet"}),
+    "monai.networks.nets": frozenset({"UNet", "BasicUNet", "BasicUnet", "Basicunet", "AttentionUnet", "DynUNet",
+                                      "SegResNet", "VNet"}),
+}
+
+#: kwarg names that point a library network at a file or URL to load: building with them needs trust
+_LOADING_KWARGS = ("checkpoint", "pretrained", "url", "path", "file", "weights", "download")
 
 TRUST_HINT = (
     "pass --trust-code (trust_code=True) only if you trust whoever made the file: its code then runs with "
@@ -180,15 +190,15 @@ def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    remove_stale(path)
+    tmp = temp_sibling(path)
     try:
         torch.save(obj, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -299,6 +309,9 @@ def _import_network_class(target: str) -> type[nn.Module]:
         if not hasattr(obj, part):
             raise ValueError(f"{mod_name!r} has no attribute {attr!r} (architecture {target!r})")
         obj = getattr(obj, part)
+        if isinstance(obj, types.ModuleType):  # a class is named by its module, not reached through others
+            raise TrustError(f"architecture {target!r} reaches through the module {obj.__name__}: name the class as "
+                             "'package.module:Class'")
     return _network_class(obj, target)
 
 
@@ -311,9 +324,17 @@ def _network_class(obj: Any, what: str) -> type[nn.Module]:
     return obj
 
 
-def _in_trusted_library(target: str) -> bool:
-    module = target.partition(":")[0]
-    return any(module == m or module.startswith(f"{m}.") for m in TRUSTED_NETWORK_MODULES)
+def _trusted_library(target: str) -> str | None:
+    """The trusted library whose network class ``target`` (``module:Class``) names, if any."""
+    module, _, name = target.partition(":")
+    for lib, classes in TRUSTED_NETWORKS.items():
+        if (module == lib or module.startswith(f"{lib}.")) and name in classes:
+            return lib
+    return None
+
+
+def _loading_kwargs(kwargs: dict[str, Any]) -> list[str]:
+    return [k for k in kwargs if any(word in k.lower() for word in _LOADING_KWARGS)]
 
 
 def _class_from_source(source: str, name: str, filename: str) -> type[nn.Module]:
@@ -338,7 +359,7 @@ def needs_trust(spec: ArchitectureSpec) -> bool:
     if spec.kind == "unet":
         return False
     if spec.kind == "callable":
-        return not (spec.target and _in_trusted_library(spec.target))
+        return not (spec.target and _trusted_library(spec.target)) or bool(_loading_kwargs(spec.kwargs))
     return True
 
 
@@ -373,13 +394,20 @@ def network_class(spec: ArchitectureSpec, *, trust_code: bool = False) -> type[n
 
         return UNet
     if needs_trust(spec) and not trust_code:
-        where = (f"imports and calls {spec.target}" if spec.kind == "callable"
+        loading = _loading_kwargs(spec.kwargs) if spec.kind == "callable" else []
+        where = (f"imports and calls {spec.target} with kwargs that name files or URLs to load ({', '.join(loading)})"
+                 if loading else f"imports and calls {spec.target}" if spec.kind == "callable"
                  else f"runs the Python source {spec.source_name or 'stored in the file'}")
         raise TrustError(f"building this network {where}, which is code the file brings with it: {TRUST_HINT}")
     if spec.kind == "callable":
         if not spec.target:
             raise ValueError("architecture kind 'callable' needs a target 'module:Class'")
-        return _import_network_class(spec.target)
+        cls = _import_network_class(spec.target)
+        lib = _trusted_library(spec.target)
+        if not trust_code and (lib is None or not cls.__module__.startswith(lib)):
+            raise TrustError(f"architecture {spec.target!r} resolves to {cls.__module__}.{cls.__qualname__}, which is "
+                             f"not a network class of the trusted libraries: {TRUST_HINT}")
+        return cls
     if not spec.source_code or not spec.callable:
         raise ValueError("architecture kind 'source' needs source_code and callable")
     return _class_from_source(spec.source_code, spec.callable, spec.source_name or "<architecture>")
@@ -388,7 +416,7 @@ def network_class(spec: ArchitectureSpec, *, trust_code: bool = False) -> type[n
 def build_model(spec: ArchitectureSpec, *, trust_code: bool = False) -> nn.Module:
     """Instantiate the (untrained) network described by ``spec``, norm conversion included.
 
-    Trust policy: our ``unet`` and network classes of :data:`TRUSTED_NETWORK_MODULES` build without trust;
+    Trust policy: our ``unet`` and the network classes of :data:`TRUSTED_NETWORKS` build without trust;
     any other callable (imported by name) and any stored source (executed) only with ``trust_code=True``,
     and even then the callable must be a ``torch.nn.Module`` subclass, checked before it is called.
 

@@ -186,9 +186,11 @@ def parse_shape(text: str | None, name: str = "shape") -> tuple[int, ...] | None
     return shape
 
 
-def check_output_path(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists; choose another output or pass --overwrite")
+def check_output_path(path: Path, overwrite: bool, *, folder: bool = False, option: str = "--output") -> None:
+    """Refuse an output that cannot be written before any work starts (exists, read-only, below a file)."""
+    from .atomic import check_writable
+
+    check_writable(path, overwrite=overwrite, folder=folder, option=option)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -433,6 +435,8 @@ def predict(
                                                        "on (input and output on shared storage).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    fill_nonfinite: Annotated[float | None, typer.Option(
+        "--fill-nonfinite", help="Replace NaN/Inf input voxels by this value (default: refuse such images).")] = None,
     trust_code: TrustOption = False,
 ) -> None:
     """Predict an image of any size, tile by tile, seamlessly (the halo is cropped, not blended).
@@ -459,6 +463,7 @@ def predict(
             device=device, normalization=_normalization_for(normalization.value, handle), divisor=handle.divisor,
             memory_budget=int(memory_gb * 2**30) if memory_gb else None, workers=workers, scheduler=scheduler,
             overwrite=overwrite, progress=not as_json, input_axes=axes,
+            nonfinite="error" if fill_nonfinite is None else fill_nonfinite,
         )
     except MemoryError as e:
         raise UserError(str(e) or "out of memory: use a smaller --tile or --batch-size") from None
@@ -656,13 +661,14 @@ def train(
         raise UserError("give a config file (see `tilenorm-bmz train --example 2d`) or --resume CHECKPOINT")
     if out is None:
         raise UserError("give the run folder with --out DIR")
+    check_output_path(out, True, folder=True, option="--out")
     if config is not None:
         cfg = TrainConfig.from_yaml(config)
         base_dir = config.resolve().parent
     else:
         cfg, base_dir = None, None
-    if steps is not None and cfg is not None:
-        cfg = cfg.model_copy(update={"steps": steps})
+    if steps is not None and cfg is not None:  # validated as the same value in the YAML file would be
+        cfg = TrainConfig.model_validate({**cfg.model_dump(), "steps": steps})
     if resume is None and (out / "last.pt").exists():
         raise UserError(f"{out} already holds a run (last.pt): continue it with --resume {out / 'last.pt'} or choose "
                         "another --out")
@@ -671,6 +677,11 @@ def train(
     if resume is not None:
         trainer = Trainer.resume(resume, out_dir=out, config=cfg, device=device, trust_code=trust_code,
                                  progress=True)
+        if steps is not None:
+            TrainConfig.model_validate({**trainer.config.model_dump(), "steps": steps})
+            if steps <= trainer.step:
+                raise UserError(f"{resume} is at step {trainer.step} already, so --steps {steps} leaves nothing to "
+                                f"train: give --steps above {trainer.step} to continue the run")
     else:
         assert cfg is not None
         trainer = Trainer(cfg, out, base_dir=base_dir, device=device, progress=True)
@@ -843,9 +854,9 @@ def validate(
     if skip:
         skipped = {c.value for c in skip}
         cfg = cfg.model_copy(update={"checks": [c for c in cfg.checks if c not in skipped]})
+    check_output_path(out, True, folder=True, option="--out")
     if record is not None:
-        if record.exists() and not overwrite:
-            raise UserError(f"{record} exists; choose another --record output or pass --overwrite")
+        check_output_path(record, overwrite, option="--record")
         if record.resolve() == model_path.resolve():
             raise UserError("--record writes a new package: choose an output other than MODEL")
     try:
@@ -872,7 +883,7 @@ def validate(
         else:
             from .bmz import record_gate_results
 
-            recorded = record_gate_results(model_path, report, record, overwrite=overwrite)
+            recorded = record_gate_results(model_path, report, record, overwrite=overwrite, trust_code=trust_code)
             console.print(f"recorded the gate figures in {recorded.package} ({recorded.test.short()})")
     if report.accepted:
         console.print(Text(f"ACCEPTED: {report.summary()}", style="bold green"))
@@ -997,7 +1008,10 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM ends a command like Ctrl-C would, cleaning its temporary outputs."""
+    from .atomic import exit_on_sigterm
+
+    exit_on_sigterm()
     app()
 
 

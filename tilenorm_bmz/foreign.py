@@ -30,11 +30,14 @@ SourceKind = Literal["checkpoint", "state_dict", "torch_em", "bioimageio"]
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model_state", "model")
 
+RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
+"""The names of a bioimage.io description at the top of a package."""
+
 
 def is_bioimageio(path: Path) -> bool:
     """A bioimage.io package: a folder with an rdf, an rdf.yaml, or a zip holding one (not a torch file)."""
     if path.is_dir():
-        return (path / "rdf.yaml").exists() or (path / "bioimageio.yaml").exists()
+        return any((path / n).exists() for n in RDF_NAMES)
     if path.suffix.lower() in (".yaml", ".yml"):
         return True
     if zipfile.is_zipfile(path):
@@ -43,7 +46,7 @@ def is_bioimageio(path: Path) -> bool:
                 names = set(zf.namelist())
         except (zipfile.BadZipFile, OSError):
             return False
-        return bool(names & {"rdf.yaml", "bioimageio.yaml"})
+        return bool(names & set(RDF_NAMES))
     return False
 
 

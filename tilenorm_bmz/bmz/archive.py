@@ -33,13 +33,13 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from ..errors import IntegrityError
+from ..foreign import RDF_NAMES
 from ._yaml import load_yaml
 
 __all__ = ["ArchiveLimits", "PackageFiles", "named_files", "open_package"]
 
 logger = logging.getLogger(__name__)
 
-RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 _CHUNK = 1 << 20
 
 
@@ -72,6 +72,11 @@ def _unsafe_name(name: str) -> str | None:
     return None
 
 
+def canonical(name: str) -> str:
+    """A member name as one path (``./a//b`` -> ``a/b``), so that two spellings cannot name two members."""
+    return str(PurePosixPath(name))
+
+
 def check_name(name: str, where: str) -> None:
     """Refuse an unsafe member or file name (absolute, drive letter, ``..``, backslash)."""
     why = _unsafe_name(name)
@@ -88,7 +93,7 @@ def _check_zip(path: Path, limits: ArchiveLimits) -> dict[str, zipfile.ZipInfo]:
     with zf:
         infos = zf.infolist()
     members: dict[str, zipfile.ZipInfo] = {}
-    total = 0
+    total = compressed = 0
     for info in infos:
         check_name(info.filename, str(path))
         if stat.S_ISLNK(info.external_attr >> 16):
@@ -108,11 +113,18 @@ def _check_zip(path: Path, limits: ArchiveLimits) -> dict[str, zipfile.ZipInfo]:
                 f"bytes), more than the {limits.max_ratio:g}x allowed: a suspicious (zip-bomb) archive, not read"
             )
         total += info.file_size
+        compressed += info.compress_size
         if total > limits.max_total_bytes:
             raise IntegrityError(f"{path}: the members add up to more than {limits.max_total_bytes / 2**30:.0f} GiB")
-        if info.filename in members:
-            raise IntegrityError(f"{path}: member {info.filename!r} appears twice")
-        members[info.filename] = info
+        name = canonical(info.filename)
+        if name in members:
+            raise IntegrityError(f"{path}: member {name!r} appears twice")
+        members[name] = info
+    if total >= limits.ratio_floor_bytes and total / max(1, compressed) > limits.max_ratio:
+        raise IntegrityError(
+            f"{path}: the archive expands {total / max(1, compressed):.0f}x ({compressed} -> {total} bytes), more than "
+            f"the {limits.max_ratio:g}x allowed: a suspicious (zip-bomb) archive, not read"
+        )
     return members
 
 
@@ -172,9 +184,11 @@ class PackageFiles:
         if source.is_dir():
             self._folder: Path | None = source.resolve()
             self.rdf_name = _rdf_member({p.name for p in source.iterdir()}, source)
+            _refuse_links(self._folder)
         elif source.suffix.lower() in (".yaml", ".yml"):
             self._folder = source.resolve().parent
             self.rdf_name = source.name
+            _refuse_links(self._folder)
         else:
             self._folder = None
             self._members = _check_zip(source, limits)
@@ -187,10 +201,6 @@ class PackageFiles:
         if not isinstance(data, dict):
             raise IntegrityError(f"{source}: {self.rdf_name} does not hold a mapping")
         self.rdf: dict[str, Any] = data
-
-    @property
-    def is_zip(self) -> bool:
-        return self._members is not None
 
     def _folder_file(self, name: str, what: str) -> Path:
         assert self._folder is not None
@@ -205,6 +215,7 @@ class PackageFiles:
     def open(self, name: str, what: str = "file") -> Iterator[IO[bytes]]:
         """A binary stream of one file of the package (checked name; no extraction)."""
         check_name(name, str(self.source))
+        name = canonical(name)
         if self._members is None:
             path = self._folder_file(name, what)
             if not path.is_file():
@@ -220,6 +231,7 @@ class PackageFiles:
     def file(self, name: str, what: str = "file") -> Path:
         """The path of one file of the package, extracted on first use for zips (bounded by its checked size)."""
         check_name(name, str(self.source))
+        name = canonical(name)
         if self._members is None:
             path = self._folder_file(name, what)
             if not path.is_file():
@@ -257,6 +269,15 @@ class PackageFiles:
                     "package was written; nothing was run from it"
                 )
         return n
+
+
+def _refuse_links(folder: Path) -> None:
+    """An unpacked package may hold no symbolic link anywhere: a copy of it (``--record``) would follow them."""
+    for root, dirs, names in os.walk(folder, followlinks=False):
+        for entry in (*dirs, *names):
+            if (Path(root) / entry).is_symlink():
+                rel = (Path(root) / entry).relative_to(folder)
+                raise IntegrityError(f"{folder}: {rel} is a symbolic link; packages with links are not read")
 
 
 @contextlib.contextmanager

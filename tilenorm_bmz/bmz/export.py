@@ -32,6 +32,7 @@ from torch import nn
 
 from .._json import jsonable
 from .._version import __version__
+from ..atomic import publish, remove_stale, temp_sibling
 from ..checkpoint import ArchitectureSpec, CheckpointInfo, architecture_of, read_checkpoint
 from ..config import ExportConfig
 from ..progress import progress_bar
@@ -462,7 +463,7 @@ def export_package(
                 if not outcome.accepted:
                     _reject(candidate, out, result, "the acceptance gate rejected the package", _gate_text(outcome))
             result.compatibility = check_compatibility(candidate)
-            os.replace(candidate, out)
+            publish(candidate, out)
         except BaseException:
             candidate.unlink(missing_ok=True)
             raise
@@ -551,9 +552,8 @@ def _tags(cfg: ExportConfig, dims: int, trained_norm: str | None, weights: Mappi
 def _write_zip(descr: Any, out: Path, legacy: bool) -> Path:
     from bioimageio.spec import save_bioimageio_package
 
-    fd, tmp = tempfile.mkstemp(prefix=".tilenorm_tmp_", suffix=".zip", dir=out.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    remove_stale(out)
+    tmp_path = temp_sibling(out, ".zip")
     try:
         save_bioimageio_package(descr, output_path=tmp_path)
         if legacy:
@@ -572,7 +572,7 @@ def _gate_text(outcome: Any) -> str:
 
 def _reject(candidate: Path, out: Path, result: ExportResult, reason: str, text: str) -> None:
     target = rejected_path(out)
-    os.replace(candidate, target)
+    publish(candidate, target)
     summary = target.with_name(target.name[: -len(target.suffix)] + ".summary.md")
     from ..config import atomic_write_text
 

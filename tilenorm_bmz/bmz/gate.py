@@ -96,6 +96,40 @@ _FIXED_NORM_FIX = (
 )
 
 
+class ReceivedInput(BaseModel):
+    """What the network received from one image: its preprocessed range, what the preprocessing clipped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    raw_min: list[float]
+    raw_max: list[float]
+    """Per channel, the raw image's range."""
+    min: list[float]
+    max: list[float]
+    """Per channel, the range after the preprocessing (what the network receives)."""
+    clipped_low: list[float]
+    clipped_high: list[float]
+    """Per channel, the fraction of voxels the preprocessing pushed onto the bottom / top of its range: voxels
+    at the preprocessed minimum (maximum) beyond those already at the raw minimum (maximum), less the share the
+    percentiles of a percentile normalization clip by design."""
+    constant: bool
+    """Every channel is (numerically) constant after preprocessing."""
+
+    @property
+    def worst_clipped(self) -> float:
+        return max([*self.clipped_low, *self.clipped_high], default=0.0)
+
+    def problem(self, max_clipped: float) -> str | None:
+        """Why a measurement on this input would be noise (None: it is not degenerate)."""
+        if self.constant:
+            return "the network receives a constant image (every voxel has the same value after preprocessing)"
+        if self.worst_clipped > max_clipped:
+            side = "top" if max(self.clipped_high) >= max(self.clipped_low) else "bottom"
+            return (f"the preprocessing clips {self.worst_clipped:.1%} of the voxels to the {side} of its range "
+                    f"(more than {max_clipped:.0%})")
+        return None
+
+
 class GateImage(BaseModel):
     """What the gate measured on one image (the report's figures show the worst image per metric)."""
 
@@ -104,6 +138,8 @@ class GateImage(BaseModel):
     name: str
     shape: tuple[int, ...]
     """Raw image shape ``(C, *spatial)``."""
+    received: ReceivedInput | None = None
+    """What the network received (range, fraction clipped, constant or not)."""
     region: tuple[tuple[int, int], ...] | None = None
     """``[start, stop)`` per spatial axis of the region the tile-size sweep ran on (the consumers record theirs)."""
     max_dist: float | None = None
@@ -337,13 +373,44 @@ def _bioimageio_check(test: PackageTestSummary | None, subject: GateSubject, con
     )
 
 
+def seam_cause(network: Any, rf: Any, halo: Sequence[int]) -> str:
+    """What the measurements say makes tiles disagree: the layers that couple the tile (by name), a halo below the
+    measured receptive field, or, when neither, what else to inspect (padding, global operations)."""
+    from torch import nn
+
+    from ..tiling import tile_coupling_layers
+
+    coupling = tile_coupling_layers(network)
+    if coupling:
+        names = "; ".join(f"{name}: {why}" for name, why in coupling[:4]) + (" ..." if len(coupling) > 4 else "")
+        return (f"{len(coupling)} layer(s) couple the tile ({names}). Convert the network to BatchRenorm with "
+                "`tilenorm-bmz convert` (no halo makes such a network seamless)")
+    trf = getattr(rf, "theoretical", None)
+    if trf is not None and any(h < t for h, t in zip(halo, trf, strict=True)):
+        return (f"no layer normalizes per tile, but the halo {tuple(halo)} is below the measured one-sided "
+                f"receptive field {tuple(trf)}: give the package a halo of at least {tuple(trf)} "
+                f"(`tilenorm-bmz package --halo`, or the output axes' halo)")
+    padded = [name for name, m in network.named_modules()
+              if isinstance(m, nn.modules.conv._ConvNd) and getattr(m, "padding_mode", "zeros") != "zeros"]
+    if padded:
+        return (f"no layer normalizes per tile and the halo covers the receptive field; the convolutions "
+                f"{', '.join(padded[:4])} pad with {network.get_submodule(padded[0]).padding_mode!r}, and an "
+                "operation over the whole tile (global pooling, attention) would also explain it: inspect them")
+    if trf is None:
+        return ("no layer normalizes per tile, and the receptive field could not be measured, so the halo could "
+                "not be checked against it; an operation over the whole tile (global pooling, attention) or a "
+                "halo below the receptive field would explain it")
+    return ("no layer normalizes per tile and the halo covers the receptive field: an operation over the whole tile "
+            "(global pooling, attention, a data-dependent step) must couple it; inspect the network")
+
+
 def _consumer_check(c: ConsumerSeams, config: GateConfig, ours: ConsumerSeams | None, subject: GateSubject,
-                    warnings: list[str]) -> Check:
+                    warnings: list[str], cause: str | None = None) -> Check:
     name = "tiled vs whole (tilenorm-bmz)" if c.consumer == "tilenorm-bmz" else f"seams in {c.consumer}"
     gating = c.consumer in config.gating_consumers
     if not c.applicable or c.result is None:
         return Check(name=name, measured=None, threshold=f"<= {config.max_seam:g}", passed=None, advice=c.reason)
-    check = check_tiled_vs_whole(c.result, config.max_seam, name=name)
+    check = check_tiled_vs_whole(c.result, config.max_seam, name=name, cause=cause)
     details = f"{c.description}; {check.details}"
     advice = check.advice
     ours_ok = ours is not None and ours.applicable and (ours.max_abs_diff or 0.0) <= config.max_seam
@@ -385,9 +452,12 @@ def _dice_check(images: Sequence[GateImage], config: GateConfig) -> Check | None
 
 
 def _invalid_package_report(subject: GateSubject, config: GateConfig, out_dir: Path | None,
-                            device: str, timer: _Timer, name: str | None) -> GateReport:
-    test = timer("bioimage.io test", run_model_test, subject.source) if "bioimageio" in config.checks \
-        else None
+                            device: str, timer: _Timer, name: str | None, trust_code: bool) -> GateReport:
+    from .package_io import untrusted_test_plan
+
+    runs, fmt = untrusted_test_plan(subject.source, trust_code)  # never the package's code without trust
+    test = timer("bioimage.io test", run_model_test, subject.source, fmt) \
+        if "bioimageio" in config.checks and runs else None
     checks = [Check(name="bioimage.io format", measured="invalid", threshold="valid", passed=False,
                     advice=f"the package's description is invalid: {subject.format_error}"[:2000])]
     bio = _bioimageio_check(test, subject, config)
@@ -421,17 +491,80 @@ def _whole_tile(spatial: Sequence[int], divisor: Sequence[int]) -> tuple[int, ..
     return tuple(max(d, s // d * d) for s, d in zip(spatial, divisor, strict=True))
 
 
+def _expected_clip(normalization: dict[str, Any] | None) -> tuple[float, float]:
+    """The share of voxels a percentile normalization clips by design (bottom, top); none for fixed values."""
+    if not normalization or normalization.get("mode") not in ("global", "tilewise") or not normalization.get(
+            "clip", True):
+        return 0.0, 0.0
+    return float(normalization.get("lower", 0.0)), 1.0 - float(normalization.get("upper", 1.0))
+
+
+def received_input(raw: np.ndarray, image: np.ndarray, normalization: dict[str, Any] | None) -> ReceivedInput:
+    """Describe what the network receives from ``raw`` ``(C, *spatial)`` once preprocessed to ``image``."""
+    low_share, high_share = _expected_clip(normalization)
+    stats: dict[str, list[float]] = {k: [] for k in ("raw_min", "raw_max", "min", "max", "clipped_low",
+                                                      "clipped_high")}
+    constant = True
+    for r, x in zip(raw.reshape(raw.shape[0], -1), image.reshape(image.shape[0], -1), strict=True):
+        rmin, rmax, xmin, xmax = float(r.min()), float(r.max()), float(x.min()), float(x.max())
+        constant &= (xmax - xmin) <= 1e-6 * max(1.0, abs(xmax), abs(xmin))
+        at_low = float(np.mean(x == xmin)) - float(np.mean(r == rmin)) - low_share
+        at_high = float(np.mean(x == xmax)) - float(np.mean(r == rmax)) - high_share
+        for key, value in (("raw_min", rmin), ("raw_max", rmax), ("min", xmin), ("max", xmax),
+                           ("clipped_low", max(0.0, at_low)), ("clipped_high", max(0.0, at_high))):
+            stats[key].append(value)
+    return ReceivedInput(constant=bool(constant), **stats)
+
+
+def _degenerate_fix(subject: GateSubject, received: ReceivedInput) -> str:
+    norm = subject.normalization or {}
+    if norm.get("mode") == "fixed" and norm.get("low") is not None:
+        low, high = norm["low"], norm.get("high")
+        span = ", ".join(f"{a:g}..{b:g}" for a, b in zip(received.raw_min, received.raw_max, strict=True))
+        return (f"this data (range {span}) is outside the model's fixed normalization range {low}..{high}: export "
+                "with percentile normalization (`tilenorm-bmz package --input-norm percentile`) or refit the fixed "
+                "values on your data")
+    return ("check that the image has the bit depth, intensity range and channels the model expects, and that "
+            "its preprocessing suits it")
+
+
+def _check_received(subject: GateSubject, cfg: GateConfig, name: str, raw: np.ndarray,
+                    image: np.ndarray) -> ReceivedInput:
+    """No verdict from a degenerate input: non-finite, constant or mostly clipped after preprocessing."""
+    bad = ~np.isfinite(raw)
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad.reshape(-1))), bad.shape))
+        raise GateInputError(f"no verdict: {name} has {int(bad.sum())} NaN/Inf voxel(s), the first at {first} "
+                             "(c, *spatial): a measurement on it is meaningless; repair the image or fill them")
+    if not np.isfinite(image).all():
+        raise GateInputError(f"no verdict: the preprocessing turns {name} into NaN/Inf values (e.g. a constant "
+                             f"image under percentile normalization): {_degenerate_fix(subject, _nan_safe(raw))}")
+    received = received_input(raw, image, subject.normalization)
+    problem = received.problem(cfg.max_clipped)
+    if problem is not None:
+        raise GateInputError(f"no verdict on {name}: {problem}, so every measurement on it would be noise; "
+                             f"{_degenerate_fix(subject, received)}")
+    return received
+
+
+def _nan_safe(raw: np.ndarray) -> ReceivedInput:
+    flat = raw.reshape(raw.shape[0], -1)
+    zeros = [0.0] * raw.shape[0]
+    return ReceivedInput(raw_min=[float(c.min()) for c in flat], raw_max=[float(c.max()) for c in flat],
+                         min=zeros, max=zeros, clipped_low=zeros, clipped_high=zeros, constant=False)
+
+
 def _measure_image(
-    subject: GateSubject, cfg: GateConfig, name: str, raw: np.ndarray, target: tuple[str, np.ndarray] | None,
-    halo: tuple[int, ...], timer: _Timer, warnings: list[str], progress: bool,
+    subject: GateSubject, cfg: GateConfig, name: str, raw: np.ndarray, image: np.ndarray,
+    target: tuple[str, np.ndarray] | None, halo: tuple[int, ...], timer: _Timer, warnings: list[str],
+    progress: bool, received: ReceivedInput,
 ) -> _ImageMeasurement:
-    """Every per-image metric of the gate on one raw image ``(C, *spatial)``."""
+    """Every per-image metric of the gate on one raw image ``(C, *spatial)`` and its preprocessed ``image``."""
     from ..introspect import resolve_device
 
     on, net, dev = set(cfg.checks), subject.network, resolve_device(cfg.device)
-    out = _ImageMeasurement(record=GateImage(name=name, shape=tuple(raw.shape)))
+    out = _ImageMeasurement(record=GateImage(name=name, shape=tuple(raw.shape), received=received))
     rec = out.record
-    image = timer("preprocessing", subject.preprocess, raw)
     if "tile_mismatch" in on:
         try:
             out.mismatch = timer(
@@ -446,11 +579,15 @@ def _measure_image(
         edge = cfg.disparity_tile or (192 if subject.dims == 2 else 64)
         # tiles as large as the image are all the same tile: measure it once
         n_tiles = 1 if all(edge >= s for s in raw.shape[1:]) else cfg.disparity_tiles
-        out.disparity = timer(
-            "train/eval disparity", train_eval_disparity, net, image, batch_size=cfg.disparity_batch_size,
-            n_tiles=n_tiles, tile_shape=_whole_tile(raw.shape[1:], subject.divisor) if n_tiles == 1 else edge,
-            threshold=cfg.threshold, device=dev, divisor=subject.divisor, progress=progress)
-        rec.disparity = out.disparity.disparity
+        try:
+            out.disparity = timer(
+                "train/eval disparity", train_eval_disparity, net, image, batch_size=cfg.disparity_batch_size,
+                n_tiles=n_tiles, tile_shape=_whole_tile(raw.shape[1:], subject.divisor) if n_tiles == 1 else edge,
+                threshold=cfg.threshold, device=dev, divisor=subject.divisor, progress=progress)
+            rec.disparity = out.disparity.disparity
+        except ValueError as e:  # e.g. an image too small for train-mode statistics
+            out.not_run["train/eval disparity"] = f"{name}: {' '.join(str(e).split())}"
+            logger.warning("train/eval disparity not measured on %s: %s", name, e)
 
     spatial = tuple(raw.shape[1:])
     if "tiled_vs_whole" in on:
@@ -560,7 +697,7 @@ def validate_package(
     except IntegrityError as e:
         return _integrity_report(Path(model_source), e, cfg, out, device, timer, name)
     if subject.format_error is not None:
-        return _invalid_package_report(subject, cfg, out, device, timer, name)
+        return _invalid_package_report(subject, cfg, out, device, timer, name, trust_code)
     warnings = list(subject.notes)
     items = [(*_read_image(d, data_axes), "") for d in _as_list(data)] or _default_data(subject, warnings)
     images = [(label, _channels_first(label, arr, subject), note) for label, arr, note in items]
@@ -596,9 +733,13 @@ def validate_package(
     halo_result = halo_sufficiency(halo, rf) if "halo" in checks_on else None
 
     # per image ----------------------------------------------------------------------------------------------
+    prepared = []  # every image is checked before anything is measured: no verdict from a degenerate input
+    for label, raw, _ in images:
+        image = timer("preprocessing", subject.preprocess, raw)
+        prepared.append((image, _check_received(subject, cfg, label, raw, image)))
     measured = [
-        _measure_image(subject, cfg, label, raw, target, halo, timer, warnings, progress)
-        for (label, raw, _), target in zip(images, targets, strict=True)
+        _measure_image(subject, cfg, label, raw, image, target, halo, timer, warnings, progress, received)
+        for (label, raw, _), (image, received), target in zip(images, prepared, targets, strict=True)
     ]
     per_image = [m.record for m in measured]
     mismatches = [m.mismatch for m in measured]
@@ -622,10 +763,11 @@ def validate_package(
     def where(index: int, check: Check) -> Check:
         return _with(check, details=f"{check.details} (worst image: {images[index][0]})") if multi else check
 
+    cause = seam_cause(net, rf, halo)
     mm_worst = _worst(mismatches, lambda r: r.max_dist)
     if "tile_mismatch" in checks_on:
         if mm_worst is not None:
-            checks.append(where(mismatches.index(mm_worst), check_tile_mismatch(mm_worst, cfg.max_dist)))
+            checks.append(where(mismatches.index(mm_worst), check_tile_mismatch(mm_worst, cfg.max_dist, cause)))
         else:
             checks.append(Check(name="tile mismatch", measured=None, threshold=f"max_dist <= {cfg.max_dist:g}",
                                 passed=None, advice=not_run.get("tile mismatch", "")))
@@ -641,7 +783,7 @@ def validate_package(
         runs = consumer_runs.get(consumer)
         if runs:
             worst = _worst(runs, lambda r: r.max_abs_diff)
-            checks.append(where(runs.index(worst), _consumer_check(worst, cfg, ours, subject, warnings)))
+            checks.append(where(runs.index(worst), _consumer_check(worst, cfg, ours, subject, warnings, cause)))
     if halo_result is not None:
         check = check_halo(halo_result)
         checks.append(check if cfg.require_sufficient_halo else _with(check, informational=True))
@@ -656,6 +798,9 @@ def validate_package(
         if dice_check is not None:
             checks.append(dice_check)
 
+    missing = _missing_decisive(subject, cfg, checks_on, mm_worst, disp_worst, has_train_mode, not_run, halo, images)
+    if missing is not None:
+        raise GateInputError(missing)
     accepted = not any(c.status == "failed" for c in checks)
     consumers = [_worst(runs, lambda r: r.max_abs_diff) for runs in consumer_runs.values()]
     report = GateReport(
@@ -667,6 +812,23 @@ def validate_package(
     )
     logger.info("%s: %s", subject.source, report.summary())
     return _write(report, out)
+
+
+def _missing_decisive(subject: GateSubject, cfg: GateConfig, checks_on: set[str], mismatch: Any, disparity: Any,
+                      has_train_mode: bool, not_run: dict[str, str], halo: Sequence[int],
+                      images: Sequence[tuple[str, np.ndarray, str]]) -> str | None:
+    """Why no verdict can be given (a decisive check asked for could not run), with the data that would do."""
+    if "tile_mismatch" in checks_on and mismatch is None:
+        need = [ceil_to(2 * h + 3 * d, d) for h, d in zip(halo, subject.divisor, strict=True)]
+        largest = max(max(im.shape[1:]) for _, im, _ in images)
+        return (f"no verdict: tile mismatch could not be measured ({not_run.get('tile mismatch', 'not run')}); "
+                f"give an image of at least {max(need)} voxels along its longest axis and {max(subject.divisor)} "
+                f"along the others (halo {tuple(halo)}, size divisor {subject.divisor}; the largest given has "
+                f"{largest})")
+    if "disparity" in checks_on and has_train_mode and disparity is None:
+        return ("no verdict: the network has normalization layers with running statistics but their train/eval "
+                f"disparity was not measured ({not_run.get('train/eval disparity', 'no image measured it')})")
+    return None
 
 
 def _out_channels(subject: GateSubject) -> int:

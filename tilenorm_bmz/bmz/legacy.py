@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from ..foreign import RDF_NAMES
 from ._yaml import dump_yaml, load_yaml
 
 __all__ = ["LEGACY_FORMAT_VERSION", "legacy_rdf", "write_legacy_package"]
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 #: The format version written in legacy mode (<= 0.5.10, >= 0.5.4 for reproducibility_tolerance).
 LEGACY_FORMAT_VERSION = "0.5.4"
-_RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 
 
 def _plain(value: Any) -> Any:
@@ -66,7 +66,7 @@ def write_legacy_package(source: Path, output: Path) -> Path:
     """
     with zipfile.ZipFile(source) as zin:
         names = zin.namelist()
-        rdf_name = next((n for n in names if n in _RDF_NAMES), None)
+        rdf_name = next((n for n in names if n in RDF_NAMES), None)
         if rdf_name is None:
             raise ValueError(f"{source} has no rdf.yaml at its root")
         rdf = load_yaml(zin.read(rdf_name))

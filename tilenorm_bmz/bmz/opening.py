@@ -12,7 +12,7 @@ the user names through :func:`open_model`; the loaders behind it are
 Trust policy (as bioimage.io users know it from ``trust_remote_code``): by default no code from a file runs.
 Weights load with ``torch.load(weights_only=True)`` (pickled objects become inert placeholders, never
 unpickled); our own UNet and network classes of the trusted libraries
-(:data:`~tilenorm_bmz.checkpoint.TRUSTED_NETWORK_MODULES`) build without trust; a stored architecture source,
+(:data:`~tilenorm_bmz.checkpoint.TRUSTED_NETWORKS`) build without trust; a stored architecture source,
 another stored callable, or a package's architecture file runs only with ``trust_code=True``, and even then
 the callable must be a ``torch.nn.Module`` subclass. Without trust a package falls back to its TorchScript
 weights (which carry no Python) and says so; where there are none, :class:`~tilenorm_bmz.errors.TrustError`
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from ..checkpoint import (
@@ -99,9 +100,24 @@ def _trusted(spec: ArchitectureSpec | None, trust_code: bool) -> tuple[str, ...]
     return (spec.describe(),) if spec is not None and trust_code and needs_trust(spec) else ()
 
 
+def check_finite(network: nn.Module, source: Path) -> None:
+    """Refuse weights with NaN/Inf values: every output would be NaN, and every measurement noise."""
+    bad = [(name, int((~torch.isfinite(t)).sum())) for name, t in (*network.named_parameters(),
+                                                                   *network.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        total = sum(n for _, n in bad)
+        names = ", ".join(name for name, _ in bad[:4]) + (" ..." if len(bad) > 4 else "")
+        raise CheckpointError(
+            f"{source}: the weights hold {total} NaN/Inf value(s) in {len(bad)} tensor(s) ({names}): the "
+            "training diverged or the file is damaged; use an earlier checkpoint"
+        )
+
+
 def _handle(network: nn.Module, source: Path, kind: SourceKind, weights_format: str,
             spec: ArchitectureSpec | None, step: tuple[int, ...] | None = None, **kw: Any) -> ModelHandle:
     network.eval()
+    check_finite(network, source)
     dims, channels, divisor = _introspect(network)
     if getattr(network, "divisor", None) is None and step is not None and len(step) == dims:
         divisor = step  # a network that does not say: the package's declared size step
@@ -131,9 +147,19 @@ def _package_step(rdf: dict[str, Any]) -> tuple[int, ...] | None:
 
 def _open_package(path: Path, trust_code: bool, weights: WeightsChoice, trainable: bool) -> ModelHandle:
     from .archive import open_package
-    from .package_io import PackageError, package_extra, read_package_model, read_torchscript
+    from .package_io import (
+        PackageError,
+        _validate_format,
+        package_extra,
+        read_package_model,
+        read_torchscript,
+        state_dict_needs_trust,
+    )
 
     with open_package(path) as files:
+        if files.rdf.get("type") != "model":
+            raise PackageError(f"{path} describes a {files.rdf.get('type')!r}, not a model")
+        _validate_format(files.rdf_path)  # a description bioimageio.spec accepts: the fields below exist
         present = set(files.rdf.get("weights") or {})
         order = ["pytorch_state_dict", "torchscript"] if weights == "auto" else [weights]
         if trainable:
@@ -144,7 +170,9 @@ def _open_package(path: Path, trust_code: bool, weights: WeightsChoice, trainabl
             raise PackageError(f"{path} has no {need} weights (it has: {', '.join(sorted(present)) or 'none'})")
         notes: list[str] = []
         step = _package_step(files.rdf)
-        skipped: list[str] = []
+        # decided from the description, whichever weights end up loaded: what must not run without trust
+        untrusted = ("pytorch_state_dict",) if ("pytorch_state_dict" in present and not trust_code
+                                                and state_dict_needs_trust(files)) else ()
         last_error: Exception | None = None
         for fmt in usable:
             try:
@@ -153,16 +181,15 @@ def _open_package(path: Path, trust_code: bool, weights: WeightsChoice, trainabl
                     bio = extra.get("bioimageio") or {}
                     return _handle(model, path, "bioimageio", fmt, spec, step, declared_halo=bio.get("halo") or None,
                                    input_normalization=extra.get("input_normalization"), extra=extra,
-                                   trusted=_trusted(spec, trust_code), notes=notes)
+                                   trusted=_trusted(spec, trust_code), notes=notes, untrusted=untrusted)
                 network = read_torchscript(files)
                 extra = package_extra(files)
                 bio = extra["bioimageio"]
                 return _handle(network, path, "bioimageio", fmt, None, step, declared_halo=bio.get("halo") or None,
                                input_normalization=extra.get("input_normalization"), extra=extra, notes=notes,
-                               untrusted=tuple(skipped))
+                               untrusted=untrusted)
             except TrustError as e:
                 last_error = e
-                skipped.append(fmt)
                 if fmt != usable[-1]:
                     notes.append(f"{path.name}: its pytorch_state_dict architecture is code from the package, "
                                  "which runs only with --trust-code; using its torchscript weights instead")

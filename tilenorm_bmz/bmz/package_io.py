@@ -10,6 +10,7 @@ names, links, sizes and every sha256 checked first; only the needed members are 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import logging
@@ -29,29 +30,16 @@ from ..checkpoint import (
     needs_trust,
 )
 from ..errors import TilenormError, TrustError
-from ._yaml import load_yaml
 from .archive import PackageFiles, open_package
 
-__all__ = ["PackageError", "open_package", "read_package_model", "read_rdf", "read_torchscript"]
+__all__ = ["PackageError", "open_package", "read_package_model", "read_torchscript"]
 
 logger = logging.getLogger(__name__)
 
-_RDF_NAMES = ("rdf.yaml", "bioimageio.yaml")
 
 
 class PackageError(TilenormError, ValueError):
     """A file is not a usable bioimage.io model package (or not for the asked purpose)."""
-
-
-def read_rdf(rdf_path: Path) -> dict[str, Any]:
-    """The raw description (YAML) of a package."""
-    try:
-        data = load_yaml(rdf_path.read_text(encoding="utf-8"))
-    except Exception as e:  # ruyaml raises several error types
-        raise PackageError(f"{rdf_path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise PackageError(f"{rdf_path} does not hold a mapping")
-    return data
 
 
 def _source_name(source: Any, what: str) -> str:
@@ -64,11 +52,49 @@ def _source_name(source: Any, what: str) -> str:
     return source
 
 
+def _code(source: str) -> str | None:
+    """The code of a Python source without its comments and docstrings (None when it does not parse)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:]
+    return ast.dump(tree)
+
+
+def _is_our_unet(files: PackageFiles, file_name: str) -> bool:
+    """The package's architecture file is tilenorm-bmz's own UNet (as exported; comments may differ)."""
+    from ..models import unet
+
+    ours = _code(Path(unet.__file__).read_text(encoding="utf-8"))
+    return ours is not None and _code(files.file(file_name, "the architecture source").read_text(
+        encoding="utf-8")) == ours
+
+
+def _architecture_file(arch: Any) -> tuple[str, str] | None:
+    """``(file, callable)`` of an architecture defined in a file of the package (0.5 source, 0.4 ``file.py:X``)."""
+    if isinstance(arch, Mapping) and not arch.get("import_from"):
+        return _source_name(arch.get("source"), "the architecture source"), str(arch.get("callable"))
+    if isinstance(arch, str) and ":" in arch and arch.split(":")[0].endswith(".py"):
+        file_part, _, callable_name = arch.rpartition(":")
+        return _source_name(file_part, "the architecture source"), callable_name
+    return None
+
+
 def _architecture_spec(files: PackageFiles, weights: Mapping[str, Any], tool: Mapping[str, Any]) -> ArchitectureSpec:
     recorded = tool.get("architecture") if isinstance(tool, Mapping) else None
     arch = weights.get("architecture")
     kwargs = dict(weights.get("kwargs") or {})  # format 0.4 keeps kwargs next to the architecture
-    if isinstance(recorded, Mapping) and recorded.get("kind") == "unet":
+    in_file = _architecture_file(arch)
+    # a package that says it holds our UNet is built as ours only when its file is our UNet's code: what
+    # bioimage.io consumers run is then what the gate measures, and no code of the package's own runs
+    if isinstance(recorded, Mapping) and recorded.get("kind") == "unet" and in_file is not None \
+            and _is_our_unet(files, in_file[0]):
         return ArchitectureSpec(kind="unet", kwargs=dict(recorded.get("kwargs") or {}))
     if isinstance(arch, Mapping):  # format 0.5
         callable_name = arch.get("callable")
@@ -172,7 +198,7 @@ def read_package_model(
         Run the package's architecture file (or import the library callable it names). Without it only
         architectures that need no code from the package build: tilenorm-bmz's own UNet (recorded in
         ``config.tilenorm_bmz``) and network classes of the trusted libraries
-        (:data:`~tilenorm_bmz.checkpoint.TRUSTED_NETWORK_MODULES`).
+        (:data:`~tilenorm_bmz.checkpoint.TRUSTED_NETWORKS`).
 
     Returns
     -------
@@ -229,6 +255,43 @@ def read_package_model(
     return model, spec, extra
 
 
+def state_dict_needs_trust(files: PackageFiles) -> bool:
+    """Whether building the package's ``pytorch_state_dict`` network runs code of the package (its architecture
+    file, or a library callable outside the trusted networks); False when it has no such weights."""
+    weights = (files.rdf.get("weights") or {}).get("pytorch_state_dict")
+    if not isinstance(weights, Mapping):
+        return False
+    tool = ((files.rdf.get("config") or {}).get("tilenorm_bmz")) or {}
+    try:
+        return needs_trust(_architecture_spec(files, weights, tool))
+    except PackageError:
+        return True  # an architecture we cannot tell: treat it as code
+
+
+def untrusted_test_plan(source: str | os.PathLike[str] | PackageFiles, trust_code: bool) -> tuple[bool, str | None]:
+    """How bioimage.io's own test (and pipeline) may run a package without running untrusted code:
+    ``(True, None)`` every weight format; ``(True, fmt)`` only ``fmt``; ``(False, None)`` not at all (its only
+    weights need the package's code and ``trust_code`` was not given)."""
+    if trust_code:
+        return True, None
+    with _opened(source) as files:
+        if not state_dict_needs_trust(files):
+            return True, None
+        present = set(files.rdf.get("weights") or {})
+    for fmt in ("torchscript", "onnx"):
+        if fmt in present:
+            return True, fmt
+    return False, None
+
+
+def _declared_halo(output: Mapping[str, Any]) -> dict[str, int]:
+    """The output halo per axis id: format 0.5 axes carry it, format 0.4 has a list beside an axes string."""
+    axes = output.get("axes")
+    if isinstance(axes, str) and isinstance(output.get("halo"), list):  # 0.4: "bcyx" + [0, 0, 8, 8]
+        return {a: int(h) for a, h in zip(axes, output["halo"], strict=False) if h}
+    return {a.get("id"): a.get("halo") for a in axes or [] if isinstance(a, Mapping) and a.get("halo")}
+
+
 def package_extra(files: PackageFiles) -> dict[str, Any]:
     """A package's metadata as commands use it: ``bioimageio`` (name, format version, halo per axis, the raw
     preprocessing, ``config.tilenorm_bmz``) and ``input_normalization`` (when expressible)."""
@@ -241,8 +304,7 @@ def package_extra(files: PackageFiles) -> dict[str, Any]:
             "source": str(files.source),
             "name": rdf.get("name"),
             "format_version": rdf.get("format_version"),
-            "halo": {a.get("id"): a.get("halo") for a in outputs[0].get("axes") or []
-                     if isinstance(a, Mapping) and a.get("halo")},
+            "halo": _declared_halo(outputs[0]),
             "preprocessing": inputs[0].get("preprocessing") or [],
             "tilenorm_bmz": dict(tool),
         }
@@ -272,7 +334,11 @@ def read_torchscript(source: str | os.PathLike[str] | PackageFiles) -> nn.Module
 def _validate_format(rdf_path: Path) -> None:
     from bioimageio.spec import InvalidDescr, load_model_description
 
-    descr = load_model_description(rdf_path, perform_io_checks=False, format_version="discover")
+    try:
+        descr = load_model_description(rdf_path, perform_io_checks=False, format_version="discover")
+    except ValueError as e:  # bioimageio.spec raises for an invalid model description
+        raise PackageError(f"{rdf_path.parent.name}/{rdf_path.name} is not a valid bioimage.io model: "
+                           f"{' '.join(str(e).split())[:1500]}") from e
     if isinstance(descr, InvalidDescr):
         errors = "; ".join(
             f"{'.'.join(map(str, e.loc))}: {e.msg}" for d in descr.validation_summary.details for e in d.errors

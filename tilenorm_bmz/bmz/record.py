@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
+from ..atomic import publish, remove_stale, temp_sibling
 from ._yaml import dump_yaml
 from .archive import open_package
 from .modeltest import PackageTestSummary, run_model_test
@@ -38,7 +38,8 @@ class RecordResult(BaseModel):
 
 
 def record_gate_results(
-    package: str | os.PathLike[str], report: GateReport, output: str | os.PathLike[str], *, overwrite: bool = False
+    package: str | os.PathLike[str], report: GateReport, output: str | os.PathLike[str], *, overwrite: bool = False,
+    trust_code: bool = False,
 ) -> RecordResult:
     """Write a copy of ``package`` with the accepted gate figures in ``config.tilenorm_bmz.gate``.
 
@@ -52,6 +53,9 @@ def record_gate_results(
         The new package zip (must differ from ``package``).
     overwrite
         Replace an existing ``output``.
+    trust_code
+        Let the bioimage.io test of the new package run weights that need the package's code (as for
+        ``validate``); without it only the formats that run no code of the package are tested.
 
     Raises
     ------
@@ -73,9 +77,8 @@ def record_gate_results(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another output or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".zip", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    remove_stale(out)
+    tmp = temp_sibling(out, ".zip")
     try:
         with open_package(src) as files:
             root = files.root()
@@ -91,11 +94,16 @@ def record_gate_results(
                     if path.name in ("rdf.yaml", "bioimageio.yaml") and path.parent == root:
                         continue
                     zout.write(path, path.relative_to(root).as_posix())
-        test = run_model_test(tmp)
+        from .package_io import untrusted_test_plan
+
+        runs, fmt = untrusted_test_plan(tmp, trust_code)
+        if not runs:
+            raise ValueError("the recorded package could not be re-tested without running its code: pass --trust-code")
+        test = run_model_test(tmp, fmt)
         if not test.passed:
             raise ValueError(f"the package with the recorded figures fails the bioimage.io test ({test.short()}); "
                              "nothing was written")
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

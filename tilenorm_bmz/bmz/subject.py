@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import GateConfig
+from ..errors import TilenormError
 
 __all__ = ["GateInputError", "GateSubject", "PackageAxes", "load_subject", "reorder", "reorder_back"]
 
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 _SPATIAL = ("z", "y", "x")
 
 
-class GateInputError(ValueError):
+class GateInputError(TilenormError, ValueError):
     """The gate cannot run on this input (exit code 2); the message says why and what to change.
 
     ``not_applicable`` marks inputs of a kind the gate does not handle (not a model, no PyTorch weights), as
@@ -301,7 +302,7 @@ def _present_formats(descr: Any) -> list[str]:
 
 
 def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[str],
-                     trust_code: bool) -> tuple[nn.Module, str, tuple[str, ...]]:
+                     trust_code: bool) -> tuple[nn.Module, str, tuple[str, ...], dict[str, Any] | None]:
     from .opening import open_model
 
     present = _present_formats(descr)
@@ -326,7 +327,7 @@ def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[s
             f"BatchRenorm layers restored at the limits it ended training with (r_max {renorm['r_max']:g}, "
             f"d_max {renorm['d_max']:g}, step {renorm['step']})"
         )
-    return handle.network, handle.weights_format, handle.untrusted
+    return handle.network, handle.weights_format, handle.untrusted, handle.input_normalization
 
 
 def _package_preprocess(descr: Any, axes: PackageAxes) -> Callable[[np.ndarray], np.ndarray]:
@@ -384,7 +385,7 @@ def _package_subject(source: Path, config: GateConfig, trust_code: bool) -> Gate
     notes: list[str] = []
     axes = _package_axes(descr)
     size_min, size_step, halo = _geometry(descr, axes)
-    network, fmt, untrusted = _package_network(source, descr, config, notes, trust_code)
+    network, fmt, untrusted, normalization = _package_network(source, descr, config, notes, trust_code)
     if not axes.is_canonical:
         notes.append(f"the package declares axes {axes.input} -> {axes.output}; the metrics run it as "
                      f"{axes.canonical}")
@@ -396,7 +397,7 @@ def _package_subject(source: Path, config: GateConfig, trust_code: bool) -> Gate
         divisor=tuple(max(1, s) for s in size_step), preprocess=_package_preprocess(descr, axes), axes=axes.spatial,
         declared_halo=halo, size_min=size_min, size_step=size_step, descr=descr, package_axes=axes,
         weight_formats=tuple(_present_formats(descr)), test_input=_test_input(descr, axes), notes=notes,
-        tested_format=fmt if untrusted else None,
+        tested_format=fmt if untrusted else None, normalization=normalization,
     )
 
 

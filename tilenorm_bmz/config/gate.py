@@ -58,6 +58,9 @@ class GateConfig(StrictModel):
     """Smallest Dice against the labels of any channel (None: Dice is informational)."""
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     """Binarization threshold of predictions (Dice, mismatch, disparity)."""
+    max_clipped: float = Field(0.05, ge=0.0, le=1.0)
+    """Largest fraction of an image's voxels the preprocessing may push onto the bottom or the top of its range
+    (beyond what the percentiles clip by design); more makes the image degenerate: no verdict."""
     crop_shape: list[int] | None = None
     """Tile mismatch crop (default: the paper's 192x192x288 / 192x288, scaled down to fit the image)."""
     stride: int = Field(64, ge=1)

@@ -35,17 +35,20 @@ import functools
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Literal, Protocol, Self
 
 import numpy as np
+
+from ..atomic import publish, remove_stale, temp_sibling
+from ..errors import TilenormError
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "Image",
     "ImageFormatError",
+    "NonFiniteError",
     "OutputArray",
     "as_image",
     "create_output",
@@ -66,7 +69,11 @@ _CHANNEL_LETTERS = "CS"
 _SPATIAL_RANK = {"Z": 0, "Y": 1, "X": 2}
 
 
-class ImageFormatError(ValueError):
+class NonFiniteError(TilenormError, ValueError):
+    """An image holds NaN or Inf voxels and the command was not told what to do with them."""
+
+
+class ImageFormatError(TilenormError, ValueError):
     """A file cannot be read as an image: unsupported suffix, unreadable content, or unsupported axes."""
 
 
@@ -345,7 +352,41 @@ class Image:
             out = np.array(out)
         if self.is_labels and out.dtype.kind == "f":
             out = _float_labels_to_int(out, self.path)
+        elif out.dtype.kind in "fc" and self.nonfinite != "allow":
+            out = self._finite(out, canon)
         return out
+
+    #: What a read does with NaN/Inf voxels: ``"allow"`` (returned as stored), ``"error"`` (raise
+    #: :class:`NonFiniteError` with their count and the first position), or a number that replaces them.
+    nonfinite: Literal["allow", "error"] | float = "allow"
+
+    def with_nonfinite(self, policy: Literal["allow", "error"] | float) -> Image:
+        """The same image whose reads apply ``policy`` to NaN/Inf voxels (see :attr:`nonfinite`)."""
+        import copy
+
+        other = copy.copy(self)
+        other.nonfinite = policy
+        return other
+
+    def _finite(self, out: np.ndarray, canon: list[Index]) -> np.ndarray:
+        bad = ~np.isfinite(out)
+        if not bad.any():
+            return out
+        if self.nonfinite == "error":
+            starts = [k if isinstance(k, int) else k.start for k in canon]
+            steps = [1 if isinstance(k, int) else k.step for k in canon]
+            local = np.unravel_index(int(np.argmax(bad.reshape(-1))), bad.shape)
+            local_full = iter(local)
+            first = tuple(int(s + st * next(local_full)) if not isinstance(k, int) else int(k)
+                          for s, st, k in zip(starts, steps, canon, strict=True))
+            where = "the image" if all(isinstance(k, slice) and k.start == 0 and k.stop == n
+                                       for k, n in zip(canon, self.shape, strict=True)) else "the region read"
+            raise NonFiniteError(
+                f"{self.path or 'the input'} has {int(bad.sum())} NaN/Inf voxel(s) in {where}, the first at "
+                f"({', '.join(map(str, first))}) in {self.axes} order: repair the image, or replace them with "
+                "--fill-nonfinite VALUE"
+            )
+        return np.where(bad, np.asarray(self.nonfinite, dtype=out.dtype), out)
 
     def read(self) -> np.ndarray:
         """The whole image as an in-memory array (``shape == self.shape``)."""
@@ -647,7 +688,8 @@ def _zarr_major() -> int:
 
 
 def _sibling_tmp(path: Path, tag: str) -> Path:
-    return path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.{tag}"
+    remove_stale(path)
+    return temp_sibling(path, f".{tag}")
 
 
 def _remove(path: Path) -> None:
@@ -740,7 +782,7 @@ class OutputArray:
             old = _sibling_tmp(self.path, "old")
             os.replace(self.path, old)
         try:
-            os.replace(self.tmp_path, self.path)
+            publish(self.tmp_path, self.path)
         except BaseException:
             if old is not None:
                 os.replace(old, self.path)
@@ -897,7 +939,7 @@ def write_tiff(
             photometric="minisblack",
             bigtiff=array.nbytes > 2**31,
         )
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         _remove(tmp)
         raise

@@ -72,8 +72,9 @@ def _fmt(values: Sequence[float]) -> str:
     return ", ".join(f"{v:.4g}" for v in values)
 
 
-def check_tile_mismatch(result: TileMismatchResult, max_dist: float = 1e-4) -> Check:
-    """``result.max_dist <= max_dist`` (0 is the paper's "no tile mismatch")."""
+def check_tile_mismatch(result: TileMismatchResult, max_dist: float = 1e-4, cause: str | None = None) -> Check:
+    """``result.max_dist <= max_dist`` (0 is the paper's "no tile mismatch"); ``cause``: what the measurements
+    say makes the tiles disagree (the advice then names it instead of the usual suspects)."""
     g = result.geometry
     passed = result.max_dist <= max_dist
     details = (
@@ -87,10 +88,10 @@ def check_tile_mismatch(result: TileMismatchResult, max_dist: float = 1e-4) -> C
     if not passed:
         advice = (
             f"two overlapping tiles disagree by up to {result.max_dist:.3g} (worst at voxel "
-            f"{result.worst_voxel}, channel {result.worst_channel}): the network normalizes per tile. "
-            "Convert it to BatchRenorm with `tilenorm-bmz convert` (InstanceNorm/GroupNorm/BatchNorm in "
-            "train mode), and make sure the input is normalized globally and the halo covers the "
-            "receptive field"
+            f"{result.worst_voxel}, channel {result.worst_channel}): "
+            + (cause or "the network normalizes per tile. Convert it to BatchRenorm with `tilenorm-bmz convert` "
+               "(InstanceNorm/GroupNorm/BatchNorm in train mode), and make sure the input is normalized globally "
+               "and the halo covers the receptive field")
         )
     return Check(
         name="tile mismatch",
@@ -134,9 +135,10 @@ def check_disparity(result: DisparityResult, max_disparity: float = 0.05) -> Che
 
 
 def check_tiled_vs_whole(
-    result: TiledVsWholeResult, max_abs_diff: float = 1e-4, name: str = "tiled vs whole"
+    result: TiledVsWholeResult, max_abs_diff: float = 1e-4, name: str = "tiled vs whole", cause: str | None = None
 ) -> Check:
-    """``max |tiled - whole| <= max_abs_diff``; not applicable when the whole image did not fit."""
+    """``max |tiled - whole| <= max_abs_diff``; not applicable when the whole image did not fit. ``cause``: as in
+    :func:`check_tile_mismatch`."""
     if result.skipped or result.max_abs_diff is None:
         return Check(
             name=name,
@@ -150,9 +152,9 @@ def check_tiled_vs_whole(
     if not passed:
         advice = (
             f"the tiled prediction differs from the whole-image prediction by up to "
-            f"{result.max_abs_diff:.3g} (at voxel {result.worst_voxel}): seams. Use a halo of at least the "
-            "receptive field, global input normalization, and a network without tile-wise normalization "
-            "(`tilenorm-bmz convert`)"
+            f"{result.max_abs_diff:.3g} (at voxel {result.worst_voxel}): seams. "
+            + (cause[:1].upper() + cause[1:] if cause else "Use a halo of at least the receptive field, global input "
+               "normalization, and a network without tile-wise normalization (`tilenorm-bmz convert`)")
         )
     details = f"mean |difference| {result.mean_abs_diff:.3g} on an image of {_shape(result.image_shape)}"
     return Check(

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from torch import nn
 
+from ..atomic import publish, remove_stale, temp_sibling
 from ..config import InputNormalization, StrictModel
 from ..data.normalize import fit_normalization
 from ..introspect import ceil_to, model_divisor, resolve_device
@@ -91,11 +92,12 @@ def _atomic_npy(path: Path, array: np.ndarray, overwrite: bool) -> None:
         raise FileExistsError(
             f"{path} exists; choose another output or pass overwrite=True (CLI: --overwrite)"
         )
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    remove_stale(path)
+    tmp = temp_sibling(path)
     try:
         with open(tmp, "wb") as fh:
             np.save(fh, array)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -118,6 +120,7 @@ def predict_file(
     overwrite: bool = False,
     progress: bool = False,
     input_axes: str | None = None,
+    nonfinite: Literal["error"] | float = "error",
 ) -> PredictionSummary:
     """Predict an image file with ``model`` and write the result (see the module docstring).
 
@@ -140,6 +143,11 @@ def predict_file(
         ``scheduler`` (input and output must be reachable from every worker). Needs a Zarr output.
     input_axes
         Axes of the input when the file does not record them (e.g. ``"cyx"``).
+    nonfinite
+        NaN/Inf voxels in the input: ``"error"`` refuses the image (their count and the first position,
+        found where they are read: before any output for images whose normalization reads them whole),
+        a number replaces them (CLI ``--fill-nonfinite``). One NaN would otherwise turn the global quantiles,
+        and so the whole output, into NaN.
 
     Raises
     ------
@@ -163,7 +171,7 @@ def predict_file(
         raise ValueError("distributed prediction writes Zarr: give an output ending in .zarr")
     if workers is not None and scheduler is not None:
         raise ValueError("give either workers (a local cluster) or scheduler (an existing one), not both")
-    image = open_image(inp, axes=input_axes)
+    image = open_image(inp, axes=input_axes).with_nonfinite(nonfinite)
     spatial = image.shape[1:]
     dims = len(spatial)
     model_dims = _model_dims(model)
