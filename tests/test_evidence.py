@@ -83,6 +83,8 @@ def test_the_report_shows_what_the_network_received(files: dict[str, Path], tmp_
     assert received["raw_min"] == [float(raw.min())] and received["raw_max"] == [float(raw.max())]
     assert received["min"][0] == 0.0 and received["max"][0] == 1.0
     assert received["constant"] is False and max(received["clipped_high"]) <= 0.05
+    assert "-> network input 0..1" in result.output  # next to the verdict, in the terminal
+    assert "received: raw" in (tmp_path / "r" / "report.html").read_text()  # and in the HTML report
 
 
 def test_nan_voxels_give_no_verdict_with_their_position(files: dict[str, Path], tmp_path: Path) -> None:
@@ -241,6 +243,16 @@ def test_checkpoints_are_written_with_the_umask_mode(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (path.stat().st_mode & 0o777) == 0o644
+    from tilenorm_bmz.config import atomic_write_text
+    from tilenorm_bmz.data import write_tiff
+
+    old = os.umask(0o022)
+    try:
+        text = atomic_write_text(tmp_path / "notes.md", "shared")
+        tif = write_tiff(tmp_path / "pred.tif", np.zeros((1, 8, 8), "float32"))
+    finally:
+        os.umask(old)
+    assert {(p.stat().st_mode & 0o777) for p in (text, tif)} == {0o644}
 
 
 # -- progress in logs -----------------------------------------------------------------------------------------

@@ -776,6 +776,9 @@ def _print_gate(report: Any) -> None:
                       Text("-" if measured is None else str(measured)), Text(str(c.threshold or "-")),
                       Text(c.advice))
     console.print(table)
+    for im in report.images:
+        if im.received is not None:
+            console.print(Text(f"input {im.name}: {im.received.describe()}"), soft_wrap=True)
     for w in report.warnings:
         console.print(Text(f"warning: {w}", style="yellow"))
 

@@ -115,6 +115,15 @@ class ReceivedInput(BaseModel):
     constant: bool
     """Every channel is (numerically) constant after preprocessing."""
 
+    def describe(self) -> str:
+        """One line: what the network received from this image."""
+        def span(lo: list[float], hi: list[float]) -> str:
+            return ", ".join(f"{a:.4g}..{b:.4g}" for a, b in zip(lo, hi, strict=True))
+
+        return (f"raw {span(self.raw_min, self.raw_max)} -> network input {span(self.min, self.max)}; clipped "
+                f"{max(self.clipped_low):.1%} to the bottom, {max(self.clipped_high):.1%} to the top"
+                + ("; constant" if self.constant else ""))
+
     @property
     def worst_clipped(self) -> float:
         return max([*self.clipped_low, *self.clipped_high], default=0.0)
@@ -737,6 +746,8 @@ def validate_package(
     for label, raw, _ in images:
         image = timer("preprocessing", subject.preprocess, raw)
         prepared.append((image, _check_received(subject, cfg, label, raw, image)))
+    data_info = [d.model_copy(update={"note": "; ".join(x for x in (d.note, f"received: {received.describe()}") if x)})
+                 for d, (_, received) in zip(data_info, prepared, strict=False)] + data_info[len(prepared):]
     measured = [
         _measure_image(subject, cfg, label, raw, image, target, halo, timer, warnings, progress, received)
         for (label, raw, _), (image, received), target in zip(images, prepared, targets, strict=True)
