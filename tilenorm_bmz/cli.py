@@ -291,30 +291,11 @@ def _open_model(path: Path, trust_code: bool) -> Any:
 
 
 def _normalization_for(choice: str, handle: Any) -> Any:
-    """The input normalization for ``--normalization`` (``model`` = as the model was trained)."""
-    from .config import InputNormalization
-
-    if choice == "none":
-        return None
-    recorded = handle.input_normalization
-    if choice in ("global", "tilewise"):
-        base = {k: v for k, v in (recorded or {}).items() if k in ("lower", "upper", "clip", "eps")}
-        return InputNormalization.model_validate({**base, "mode": choice})
-    if recorded:
-        return InputNormalization.model_validate(recorded)
-    if handle.kind == "bioimageio":
-        steps = (handle.extra.get("bioimageio") or {}).get("preprocessing") or []
-        if any((s.get("id") or s.get("name")) not in (None, "ensure_dtype") for s in steps):
-            raise UserError(
-                "the package's preprocessing has no tilenorm-bmz equivalent; choose one with --normalization "
-                "global|tilewise|none"
-            )
-        return None
-    err_console.print(
-        "[yellow]the checkpoint records no input normalization; using global quantiles 0.01/0.98 "
-        "(choose with --normalization)[/yellow]"
-    )
-    return InputNormalization()
+    """The input normalization for ``--normalization`` (the policy is the handle's; notes go to stderr)."""
+    settings, note = handle.normalization_for(choice)
+    if note:
+        err_console.print(Text(f"note: {note}", style="yellow"))
+    return settings
 
 
 @app.command(
@@ -675,8 +656,12 @@ def train(
     from .train import Trainer
 
     if resume is not None:
-        trainer = Trainer.resume(resume, out_dir=out, config=cfg, device=device, trust_code=trust_code,
-                                 progress=True)
+        from .bmz.opening import open_model
+
+        handle = open_model(resume, trust_code=trust_code, allow=("checkpoint",))
+        assert handle.checkpoint_info is not None
+        trainer = Trainer.resume(resume, out_dir=out, config=cfg, device=device, progress=True,
+                                 opened=(handle.network, handle.checkpoint_info))
         if steps is not None:
             TrainConfig.model_validate({**trainer.config.model_dump(), "steps": steps})
             if steps <= trainer.step:

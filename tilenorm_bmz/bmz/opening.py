@@ -81,10 +81,33 @@ class ModelHandle:
     """A package's weight formats left unused because they would run its code without trust."""
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def trainable(self) -> bool:
-        """A PyTorch module whose layers can be converted and trained (not TorchScript)."""
-        return self.architecture is not None
+    def normalization_for(self, choice: str = "model") -> tuple[Any, str | None]:
+        """The input normalization a command applies for ``choice`` (``model``: as the model was trained;
+        ``global``/``tilewise`` with the recorded quantiles; ``none``), and a note when it had to assume one.
+
+        Returns ``(InputNormalization | None, note)``. Raises :class:`PackageError` for a package whose
+        preprocessing tilenorm-bmz cannot express, unless another choice is given.
+        """
+        from ..config import InputNormalization
+
+        if choice == "none":
+            return None, None
+        recorded = self.input_normalization
+        if choice in ("global", "tilewise"):
+            base = {k: v for k, v in (recorded or {}).items() if k in ("lower", "upper", "clip", "eps")}
+            return InputNormalization.model_validate({**base, "mode": choice}), None
+        if recorded:
+            return InputNormalization.model_validate(recorded), None
+        if self.kind == "bioimageio":
+            from .package_io import PackageError
+
+            steps = (self.extra.get("bioimageio") or {}).get("preprocessing") or []
+            if any((s.get("id") or s.get("name")) not in (None, "ensure_dtype") for s in steps):
+                raise PackageError("the package's preprocessing has no tilenorm-bmz equivalent; choose one with "
+                                   "--normalization global|tilewise|none")
+            return None, None
+        return InputNormalization(), ("the checkpoint records no input normalization; using global quantiles "
+                                      "0.01/0.98 (choose with --normalization)")
 
 
 def _introspect(network: nn.Module) -> tuple[int, int, tuple[int, ...]]:

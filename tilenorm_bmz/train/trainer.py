@@ -245,13 +245,16 @@ class Trainer:
         device: str | None = None,
         trust_code: bool = False,
         progress: bool = False,
+        opened: tuple[nn.Module, CheckpointInfo] | None = None,
     ) -> Trainer:
         """Continue the run saved in ``checkpoint`` exactly (step, schedule, optimizer, sampler, RNG).
 
         ``config`` may raise ``steps``; the config stored in the checkpoint is used otherwise. ``trust_code``:
         build a stored architecture that is code (see :func:`~tilenorm_bmz.checkpoint.build_model`).
+        ``opened``: the checkpoint's model and info as already loaded (the CLI opens every model through
+        :func:`tilenorm_bmz.bmz.opening.open_model`), so it is not read twice.
         """
-        model, info = load_checkpoint(checkpoint, trust_code=trust_code)
+        model, info = opened if opened is not None else load_checkpoint(checkpoint, trust_code=trust_code)
         stored = info.extra.get("train_config")
         if stored is None:
             raise ValueError(f"{checkpoint} is not a training checkpoint (no train_config): it cannot be resumed")
