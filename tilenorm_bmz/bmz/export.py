@@ -35,6 +35,7 @@ from .._version import __version__
 from ..atomic import publish, remove_stale, temp_sibling
 from ..checkpoint import ArchitectureSpec, CheckpointInfo, architecture_of, read_checkpoint
 from ..config import ExportConfig
+from ..norm import renorm_limits
 from ..progress import progress_bar
 from .artifacts import crop_test_input, load_sample, make_test_tensors, write_cover
 from .compat import CompatibilityReport, check_compatibility
@@ -349,6 +350,9 @@ def export_package(
         spec = architecture_of(model) or (info.architecture if info else None)
         trained_norm = info.norm_kind if info else (getattr(model, "norm_kind", None) or
                                                    (spec.norm_conversion if spec else None))
+        limits = renorm_limits(model)  # the layers' own limits: what train mode computes with
+        if limits:
+            trained_norm = "batchrenorm"
 
         # 2. halo and sizes ----------------------------------------------------------------------------------
         step("geometry")
@@ -411,7 +415,7 @@ def export_package(
                    "depends only on the receptive field, so tiles cropped by the halo stitch without seams."
                    if trained_norm == "batchrenorm" else "")
             ).strip()
-            tool_config = _tool_config(info, spec, art, trained_norm, n_converted, geometry, rf_record, norm,
+            tool_config = _tool_config(info, spec, art, trained_norm, n_converted, limits, geometry, rf_record, norm,
                                        sample_desc, cfg, gate_results)
             readme = _documentation(cfg, stage, DocumentationContext(
                 name=name, description=description, dims=dims, architecture=(spec.describe() if spec else
@@ -486,7 +490,8 @@ def _rf_summary(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _tool_config(
     info: CheckpointInfo | None, spec: ArchitectureSpec | None, art: ArchitectureArtifact, trained_norm: str | None,
-    n_converted: int, geometry: Sequence[AxisGeometry], rf_record: Mapping[str, Any],
+    n_converted: int, limits: Mapping[str, tuple[float, float]], geometry: Sequence[AxisGeometry],
+    rf_record: Mapping[str, Any],
     norm: PackageNormalization, sample_desc: str, cfg: ExportConfig, gate_results: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     arch = art.spec.model_dump(mode="json", exclude={"source_code"}) if art.spec else None
@@ -495,6 +500,8 @@ def _tool_config(
         training["step"] = info.step
         if info.schedule is not None:
             training["renorm_schedule"] = info.schedule.model_dump(mode="json")
+    if limits:  # per layer, as the layers held them at export (read back by read_package_model)
+        training["renorm_limits"] = {name: [r, d] for name, (r, d) in limits.items()}
     cfg_out: dict[str, Any] = {
         "tool": "tilenorm-bmz",
         "tool_version": __version__,

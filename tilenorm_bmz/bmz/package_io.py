@@ -122,8 +122,10 @@ def _architecture_spec(files: PackageFiles, weights: Mapping[str, Any], tool: Ma
 
 def _restore_renorm(model: nn.Module, tool: Mapping[str, Any]) -> dict[str, Any] | None:
     """Give a network trained with BatchRenorm (and exported as BatchNorm) back its BatchRenorm layers with the
-    clipping limits it ended training with, so that train mode behaves as it did in training (what the
-    train/eval disparity and fine-tuning need). Returns ``{"step", "r_max", "d_max", "schedule"}`` or None."""
+    clipping limits it held at export, so that train mode behaves as it did in training (what the train/eval
+    disparity and fine-tuning need). The limits come from the layers (``training.renorm_limits``, per layer);
+    packages written before that record fall back to the schedule at the recorded step. Returns
+    ``{"step", "r_max", "d_max", "schedule", "source"}`` (r_max/d_max: the largest over the layers) or None."""
     from ..config import RenormSchedule
     from ..norm import BatchRenorm, convert_norm
 
@@ -137,8 +139,22 @@ def _restore_renorm(model: nn.Module, tool: Mapping[str, Any]) -> dict[str, Any]
     step = int(training.get("step") or 0)
     raw = training.get("renorm_schedule")
     schedule = RenormSchedule.model_validate(raw) if isinstance(raw, Mapping) else None
-    r_max, d_max = schedule.apply(model, step) if schedule is not None else (1.0, 0.0)
-    return {"step": step, "r_max": r_max, "d_max": d_max,
+    recorded = training.get("renorm_limits")
+    if isinstance(recorded, Mapping) and recorded:
+        layers = dict(model.named_modules())
+        for name, (r, d) in recorded.items():
+            layer = layers.get(str(name))
+            if not isinstance(layer, BatchRenorm):
+                raise PackageError(f"config.tilenorm_bmz.training.renorm_limits names {name!r}, which is not a "
+                                   "normalization layer of the network")
+            layer.set_renorm_limits(float(r), float(d))
+        r_max = max(float(r) for r, _ in recorded.values())
+        d_max = max(float(d) for _, d in recorded.values())
+        source = "layers"
+    else:
+        r_max, d_max = schedule.apply(model, step) if schedule is not None else (1.0, 0.0)
+        source = "schedule" if schedule is not None else "none"
+    return {"step": step, "r_max": r_max, "d_max": d_max, "source": source,
             "schedule": schedule.model_dump(mode="json") if schedule else None}
 
 

@@ -323,9 +323,10 @@ def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[s
     renorm = handle.extra.get("renorm")
     if renorm:
         notes.append(
-            f"trained with BatchRenorm and exported as BatchNorm: train mode is measured with its "
-            f"BatchRenorm layers restored at the limits it ended training with (r_max {renorm['r_max']:g}, "
-            f"d_max {renorm['d_max']:g}, step {renorm['step']})"
+            "trained with BatchRenorm and exported as BatchNorm: train mode is measured with its "
+            "BatchRenorm layers restored at the limits "
+            + ("its layers held at export" if renorm.get("source") == "layers" else "of its schedule at its step")
+            + f" (r_max {renorm['r_max']:g}, d_max {renorm['d_max']:g}, step {renorm['step']})"
         )
     return handle.network, handle.weights_format, handle.untrusted, handle.input_normalization
 

@@ -29,10 +29,12 @@ as not applicable rather than as a disparity of zero.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,6 +150,10 @@ class DisparityResult(MetricResult):
     mode_independent_norm_layers: dict[str, int] = Field(default_factory=dict)
     renorm_limits: list[tuple[float, float]] = Field(default_factory=list)
     """Distinct ``(r_max, d_max)`` of the BatchRenorm layers at measurement time."""
+    renorm_clipped: list[float] | None = None
+    """Per tile, the fraction of BatchRenorm channels (over all layers whose limits allow a correction) whose
+    ``r`` or ``d`` hit its clipping limit in train mode: high when the data's statistics are far from the
+    training data's (a data shift), low when only the running statistics are off. None without such layers."""
     device: str
     figure: DisparityFigure | None = Field(default=None, exclude=True, repr=False)
 
@@ -320,6 +326,8 @@ def train_eval_disparity(
         )
 
     x = torch.from_numpy(np.ascontiguousarray(np.stack(tiles)))
+    renorm = [m for _, m in dependent if _limits_allow_correction(m)]
+    clipped_batches: list[float] = []
     modes = [(m, m.training) for m in model.modules()]
     inter = total = None
     per_tile: list[list[float]] = []
@@ -344,7 +352,12 @@ def train_eval_disparity(
                     p_eval = predict_batched(model, xb, batch_size, dev)
                     for _, m in dependent:
                         m.train()
-                    p_train = predict_batched(model, xb, batch_size, dev)
+                    counts: list[tuple[int, int]] = []
+                    with _clip_counting(renorm, counts):
+                        p_train = predict_batched(model, xb, batch_size, dev)
+                    if renorm:
+                        hit, seen = (sum(c[i] for c in counts) for i in (0, 1))
+                        clipped_batches.extend([hit / max(1, seen)] * len(xb))
                     moved = moved or any(not torch.equal(b, saved) for b, saved in buffers)
                     restore_buffers()
                     spatial = tuple(range(2, p_eval.dim()))
@@ -390,8 +403,40 @@ def train_eval_disparity(
         max_abs_diff=max_abs,
         per_tile=per_tile,
         figure=figure,
+        renorm_clipped=clipped_batches or None,
         **common,
     )
+
+
+def _limits_allow_correction(m: nn.Module) -> bool:
+    """A BatchRenorm layer whose limits let it correct the batch statistics (r_max > 1 or d_max > 0)."""
+    if isinstance(m, torch.jit.ScriptModule):  # no Python hooks on compiled modules
+        return False
+    r, d = getattr(m, "r_max", None), getattr(m, "d_max", None)
+    return isinstance(r, Tensor) and isinstance(d, Tensor) and (float(r) > 1.0 or float(d) > 0.0)
+
+
+@contextlib.contextmanager
+def _clip_counting(layers: Sequence[nn.Module], counts: list[tuple[int, int]]) -> Iterator[None]:
+    """Count, per forward of each BatchRenorm layer in ``layers``, the channels whose ``r`` or ``d`` clip
+    (computed from the layer's input as its train-mode forward does, before its running statistics move)."""
+    def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().float()
+        dims = [0, *range(2, x.dim())]
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        sigma_r = (m.running_var.float() + m.eps).sqrt()
+        r = (var + m.eps).sqrt() / sigma_r
+        d = (mean - m.running_mean.float()) / sigma_r
+        r_max, d_max = float(m.r_max), float(m.d_max)
+        hit = (r > r_max) | (r < 1.0 / r_max) | (d.abs() > d_max)
+        counts.append((int(hit.sum()), int(hit.numel())))
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _make_figure(

@@ -1,7 +1,7 @@
 """Normalization layers: BatchRenorm, its schedule, and conversion of any network's norm layers."""
 
 from ..config import RenormSchedule
-from .batchrenorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .batchrenorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, renorm_limits
 from .convert import ConversionReport, LayerConversion, SkippedLayer, calibrate_norm, convert_norm
 
 __all__ = [
@@ -15,4 +15,5 @@ __all__ = [
     "SkippedLayer",
     "calibrate_norm",
     "convert_norm",
+    "renorm_limits",
 ]

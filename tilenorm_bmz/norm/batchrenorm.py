@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
+__all__ = ["BatchRenorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_limits"]
 
 
 #: On the fast CPU path the variance is E[x^2] - E[x]^2; where mean^2 exceeds this multiple of the
@@ -272,3 +272,10 @@ class BatchRenorm3d(BatchRenorm):
     def __init__(self, num_features: int, **kwargs: Any) -> None:
         kwargs.setdefault("dims", 3)
         super().__init__(num_features, **kwargs)
+
+
+def renorm_limits(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """``{layer name: (r_max, d_max)}`` of every BatchRenorm layer: the limits as the layers hold them (set by
+    :meth:`RenormSchedule.apply`, by a training loop of one's own, or by hand). These, not a schedule's record,
+    are what train mode computes with."""
+    return {name: (float(m.r_max), float(m.d_max)) for name, m in model.named_modules() if isinstance(m, BatchRenorm)}

@@ -103,6 +103,13 @@ def check_tile_mismatch(result: TileMismatchResult, max_dist: float = 1e-4, caus
     )
 
 
+DATA_SHIFT_CLIPPED = 0.05
+"""Mean fraction of BatchRenorm channels at a clip limit (over the tiles) from which a disparity is put down to
+the data (outside the training statistics) rather than to the running statistics. A network trained with its
+limits needs no more correction than they allow on data like its training data (none clip there), and a shift
+is mostly absorbed by the first layers, so a few percent of all channels already say "data shift"."""
+
+
 def check_disparity(result: DisparityResult, max_disparity: float = 0.05) -> Check:
     """Every channel's ``1 - dice(P_train, P_eval) <= max_disparity`` (n/a without running statistics)."""
     if not result.applicable or result.disparity is None:
@@ -116,21 +123,36 @@ def check_disparity(result: DisparityResult, max_disparity: float = 0.05) -> Che
         )
     worst = max(result.disparity)
     passed = worst <= max_disparity
+    clipped = result.renorm_clipped
+    shift = clipped is not None and sum(clipped) / len(clipped) >= DATA_SHIFT_CLIPPED
     advice = ""
-    if not passed:
+    if not passed and shift:
+        assert clipped is not None
+        advice = (
+            f"the prediction changes when the normalization runs in train mode (1 - Dice up to {worst:.3g}), and "
+            f"BatchRenorm clips r or d in {sum(clipped) / len(clipped):.0%} of its channels on this data: the input "
+            "is outside the training statistics (a data shift), not a mismatch of the running statistics. Normalize "
+            "the data as the model was trained (its bit depth, range, preprocessing), or fine-tune on such data "
+            "(`tilenorm-bmz convert --finetune CONFIG`)"
+        )
+    elif not passed:
         advice = (
             f"the prediction changes when the normalization runs in train mode (1 - Dice up to {worst:.3g}): "
             "the running statistics do not match the statistics the network was trained with. Convert to "
             "BatchRenorm and fine-tune (`tilenorm-bmz convert --finetune CONFIG`), or recalibrate the "
             "running statistics on data (`tilenorm-bmz convert --calibrate IMAGE`)"
         )
+    details = f"{result.batch_composition}; max |P_train - P_eval| = {result.max_abs_diff:.3g}"
+    if clipped is not None:
+        details += (f"; BatchRenorm channels with r or d at the clip limit: {_fmt(clipped)} per tile "
+                    f"(limits {result.renorm_limits})")
     return Check(
         name="train/eval disparity",
         measured=result.disparity,
         threshold=f"<= {max_disparity:g} per channel",
         passed=passed,
         advice=advice,
-        details=f"{result.batch_composition}; max |P_train - P_eval| = {result.max_abs_diff:.3g}",
+        details=details,
     )
 
 
