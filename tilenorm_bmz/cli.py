@@ -603,6 +603,56 @@ def package(
 
 
 # ------------------------------------------------------------------------------------------------------
+# refit (the ilastik-ready variant of a package for one's dataset)
+# ------------------------------------------------------------------------------------------------------
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  tilenorm-bmz refit model_zoo/nuclei2d-batchrenorm/nuclei2d-batchrenorm.bioimageio.zip --data a.tif "
+        "--data b.tif -o nuclei2d-mydata.zip\n\n"
+        "  tilenorm-bmz refit someone_elses.zip --data volume.ome.zarr -o for_ilastik.zip --upper 0.99\n\n"
+        "Use the refitted package in ilastik (which preprocesses every tile on its own); keep the original, whose "
+        "percentile normalization adapts to any image, for bioimageio.core, deepImageJ and tilenorm-bmz."
+    )
+)
+@handle_errors
+def refit(
+    package_path: Annotated[Path, typer.Argument(metavar="PACKAGE", help="A bioimage.io package (ours or anyone's).")],
+    data: Annotated[list[Path], typer.Option("--data", help="Images of your dataset (repeat for several); TIFF, "
+                                             "Zarr / OME-Zarr or .npy.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The new package (.zip).")],
+    lower: Annotated[float, typer.Option(help="Quantile mapped to 0.")] = 0.01,
+    upper: Annotated[float, typer.Option(help="Quantile mapped to 1.")] = 0.998,
+    gate_config: Annotated[Path | None, typer.Option("--gate-config", help="GateConfig YAML for the gate run on "
+                                                     "your data (ilastik always gates).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    trust_code: TrustOption = False,
+) -> None:
+    """Write a package for your dataset whose preprocessing is fixed values fitted on it: seamless in ilastik.
+
+    The package's percentile normalization is replaced by ``scale_linear`` + ``clip`` with the quantiles of all
+    your images pooled (sampled block by block for large volumes), recorded in ``config.tilenorm_bmz.refit``;
+    the test output is recomputed, the package is tested with bioimageio.core and gated on your data with
+    ilastik among the gating consumers. A package that fails is kept as NAME.rejected.zip (exit 1).
+    """
+    from .bmz.refit import refit_package
+
+    check_output_path(output, overwrite)
+    result = refit_package(package_path, list(data), output, lower=lower, upper=upper, trust_code=trust_code,
+                           gate_config=_gate_config(gate_config), overwrite=overwrite, progress=True)
+    values = ", ".join(f"{a:.6g}..{b:.6g}" for a, b in zip(result.low, result.high, strict=True))
+    console.print(f"fixed normalization {values} (quantiles {lower:g}/{upper:g} of {result.sampled_voxels} voxels "
+                  "per channel)", soft_wrap=True)
+    console.print(f"{result.test.short()}")
+    if result.gate is not None:
+        console.print(f"validation gate {result.gate.summary()} (report {result.gate.report_html})", soft_wrap=True)
+    if result.package is None:
+        print_error(f"not written: kept as {result.rejected}")
+        raise typer.Exit(EXIT_REJECTED)
+    console.print(f"wrote {result.package}")
+
+
+# ------------------------------------------------------------------------------------------------------
 # train
 # ------------------------------------------------------------------------------------------------------
 @app.command(

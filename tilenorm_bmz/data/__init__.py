@@ -28,7 +28,7 @@ from .io import (
     write_tiff,
 )
 from .labels import clean_labels, fill_label_holes, instances_to_targets, target_channel_names
-from .normalize import FittedNormalization, channel_quantiles, fit_normalization, normalize
+from .normalize import FittedNormalization, channel_quantiles, dataset_quantiles, fit_normalization, normalize
 from .sampler import Region, SamplerSource, Tile, TileSampler, split_by_image, split_by_region
 from .samples import SAMPLE_DIR, SampleInfo, list_samples, load_sample, sample_info, sample_path
 from .synthetic import synthetic_blobs
@@ -56,6 +56,7 @@ __all__ = [
     "clean_labels",
     "create_output",
     "fill_label_holes",
+    "dataset_quantiles",
     "fit_normalization",
     "instances_to_targets",
     "list_samples",

@@ -29,6 +29,7 @@ __all__ = [
     "FittedNormalization",
     "InputNormalization",
     "channel_quantiles",
+    "dataset_quantiles",
     "fit_normalization",
     "normalize",
 ]
@@ -138,6 +139,13 @@ def _sampled_quantiles(
     image: Image, lower: float, upper: float, max_voxels: int, seed: int, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Quantiles from randomly chosen, non-overlapping blocks (aligned to a block grid) of ``image``."""
+    data = _sample_blocks(image, max_voxels, seed, progress)
+    lo, hi = channel_quantiles(data, lower, upper)
+    return lo, hi, int(data.shape[1])
+
+
+def _sample_blocks(image: Image, max_voxels: int, seed: int, progress: bool) -> np.ndarray:
+    """About ``max_voxels`` voxels per channel ``(C, N)`` from randomly chosen, non-overlapping blocks."""
     spatial = image.spatial_shape
     blk = _block_shape(image)
     grid = [math.ceil(s / b) for s, b in zip(spatial, blk, strict=True)]
@@ -155,6 +163,31 @@ def _sampled_quantiles(
         sl = tuple(slice(p * b, min((p + 1) * b, s)) for p, b, s in zip(pos, blk, spatial, strict=True))
         block = image[(slice(None), *sl)]
         parts.append(block.reshape(block.shape[0], -1))
+    return np.concatenate(parts, axis=1)
+
+
+def dataset_quantiles(
+    images: Sequence[Image | np.ndarray | Any], lower: float, upper: float, *, max_voxels: int = 2**24,
+    seed: int = 0, progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-channel ``lower``/``upper`` quantiles of a whole dataset: the voxels of all ``images`` pooled (each
+    image read whole when its share of ``max_voxels`` covers it, else sampled block by block, out of core).
+
+    Returns ``(lo, hi, n)`` with ``n`` the voxels per channel the quantiles were computed from.
+    """
+    imgs = [as_image(im) for im in images]
+    if not imgs:
+        raise ValueError("no images to fit the normalization on")
+    channels = {im.n_channels for im in imgs}
+    if len(channels) != 1:
+        raise ValueError(f"the images have different channel counts {sorted(channels)}: fit them separately")
+    share = max(1, max_voxels // len(imgs))
+    parts = []
+    for i, im in enumerate(imgs):
+        if math.prod(im.spatial_shape) <= share:
+            parts.append(np.asarray(im[...]).reshape(im.n_channels, -1))
+        else:
+            parts.append(_sample_blocks(im, share, seed + i, progress))
     data = np.concatenate(parts, axis=1)
     lo, hi = channel_quantiles(data, lower, upper)
     return lo, hi, int(data.shape[1])
