@@ -57,3 +57,20 @@ def test_refit_refuses_data_that_does_not_fit_the_package(third_party: Path, tmp
                                  str(tmp_path / "x.zip")])
     assert result.exit_code == EXIT_BAD_INPUT and "3 spatial axes" in result.output
     assert not (tmp_path / "x.zip").exists()
+
+
+def test_a_percentile_package_works_on_any_bit_depth(third_party: Path, tmp_path: Path) -> None:
+    out = tmp_path / "percentile.zip"
+    result = runner.invoke(app, ["refit", str(third_party), "--percentile", "-o", str(out)])
+    assert result.exit_code == EXIT_OK, result.output
+    rng = np.random.default_rng(5)
+    eight_bit = np.round(rng.random((1, 96, 80)) * 200 + 20).astype("uint8")
+    sixteen_bit = (eight_bit.astype("uint16") * 150 + 30000).astype("uint16")  # another camera, same scene
+    preds = []
+    for name, image in (("a", eight_bit), ("b", sixteen_bit)):
+        np.save(tmp_path / f"{name}.npy", image)
+        r = runner.invoke(app, ["predict", str(out), str(tmp_path / f"{name}.npy"), "-o", str(tmp_path / f"p{name}.npy"),
+                                "--device", "cpu"])
+        assert r.exit_code == EXIT_OK, r.output
+        preds.append(np.load(tmp_path / f"p{name}.npy"))
+    np.testing.assert_allclose(preds[0], preds[1], atol=1e-4)  # the intensity range does not matter

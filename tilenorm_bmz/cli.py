@@ -618,11 +618,15 @@ def package(
 @handle_errors
 def refit(
     package_path: Annotated[Path, typer.Argument(metavar="PACKAGE", help="A bioimage.io package (ours or anyone's).")],
-    data: Annotated[list[Path], typer.Option("--data", help="Images of your dataset (repeat for several); TIFF, "
-                                             "Zarr / OME-Zarr or .npy.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The new package (.zip).")],
-    lower: Annotated[float, typer.Option(help="Quantile mapped to 0.")] = 0.01,
-    upper: Annotated[float, typer.Option(help="Quantile mapped to 1.")] = 0.998,
+    data: Annotated[list[Path] | None, typer.Option("--data", help="Images of your dataset (repeat for several); "
+                                                    "TIFF, Zarr / OME-Zarr or .npy.")] = None,
+    percentile: Annotated[bool, typer.Option("--percentile", help="Instead: per-image percentile normalization "
+                                             "(adapts to any bit depth; --data then only feeds the gate).")] = False,
+    lower: Annotated[float | None, typer.Option(help="Quantile mapped to 0 (default 0.01; --percentile: as the "
+                                                "package records it).")] = None,
+    upper: Annotated[float | None, typer.Option(help="Quantile mapped to 1 (default 0.998; --percentile: as the "
+                                                "package records it).")] = None,
     gate_config: Annotated[Path | None, typer.Option("--gate-config", help="GateConfig YAML for the gate run on "
                                                      "your data (ilastik always gates).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
@@ -635,14 +639,24 @@ def refit(
     the test output is recomputed, the package is tested with bioimageio.core and gated on your data with
     ilastik among the gating consumers. A package that fails is kept as NAME.rejected.zip (exit 1).
     """
-    from .bmz.refit import refit_package
+    from .bmz.refit import percentile_package, refit_package
 
     check_output_path(output, overwrite)
-    result = refit_package(package_path, list(data), output, lower=lower, upper=upper, trust_code=trust_code,
-                           gate_config=_gate_config(gate_config), overwrite=overwrite, progress=True)
-    values = ", ".join(f"{a:.6g}..{b:.6g}" for a, b in zip(result.low, result.high, strict=True))
-    console.print(f"fixed normalization {values} (quantiles {lower:g}/{upper:g} of {result.sampled_voxels} voxels "
-                  "per channel)", soft_wrap=True)
+    if percentile:
+        result = percentile_package(package_path, output, lower=lower, upper=upper, data=list(data or []) or None,
+                                    trust_code=trust_code, gate_config=_gate_config(gate_config),
+                                    overwrite=overwrite, progress=True)
+        console.print("per-image percentile normalization")
+    else:
+        if not data:
+            raise UserError("give your dataset's images with --data IMG (repeat for several), or --percentile")
+        lo_q, hi_q = 0.01 if lower is None else lower, 0.998 if upper is None else upper
+        result = refit_package(package_path, list(data), output, lower=lo_q, upper=hi_q, trust_code=trust_code,
+                               gate_config=_gate_config(gate_config) if gate_config else None, overwrite=overwrite,
+                               progress=True)
+        values = ", ".join(f"{a:.6g}..{b:.6g}" for a, b in zip(result.low, result.high, strict=True))
+        console.print(f"fixed normalization {values} (quantiles {lo_q:g}/{hi_q:g} of {result.sampled_voxels} "
+                      "voxels per channel)", soft_wrap=True)
     console.print(f"{result.test.short()}")
     if result.gate is not None:
         console.print(f"validation gate {result.gate.summary()} (report {result.gate.report_html})", soft_wrap=True)

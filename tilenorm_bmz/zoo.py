@@ -288,7 +288,9 @@ def write_readme(folder: Path, entry: ZooEntry, cfg: TrainConfig, checkpoint: Pa
             "range of the training data; rescale others to it first."
             if export_cfg.input_norm == "fixed" else
             "ilastik computes the package's percentile normalization on every tile on its own, so tiles can "
-            "differ (gate row above); `tilenorm-bmz package --input-norm fixed` avoids that."),
+            "differ (gate row above): for ilastik, write the variant for your dataset, whose preprocessing is fixed "
+            f"values fitted on it (`tilenorm-bmz refit {entry.package_name} --data IMG ... -o mine.zip`). The "
+            "percentile normalization itself adapts to any bit depth and intensity range (8/16-bit, float)."),
         f"- **deepImageJ** (Fiji): install the zip with *DeepImageJ Install Model*, then *DeepImageJ Run* on a "
         f"{dims} image with axes {axes}; TorchScript weights, tiling allowed, halo from the package.",
         "- **Python**:",

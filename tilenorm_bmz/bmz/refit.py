@@ -31,7 +31,7 @@ from .._version import __version__
 from ..atomic import publish, remove_stale, temp_sibling
 from ..errors import TrustError
 
-__all__ = ["RefitResult", "refit_package"]
+__all__ = ["RefitResult", "percentile_package", "refit_package"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,42 +98,15 @@ def refit_package(
         The package fails its integrity checks, is not a single-input model, needs trust, or the data does not
         fit it. A package that fails its test or the gate is kept as ``NAME.rejected.zip`` (``result.rejected``).
     """
-    from bioimageio.core import create_prediction_pipeline
-    from bioimageio.core.digest_spec import get_test_input_sample
-    from bioimageio.spec import InvalidDescr, load_description, save_bioimageio_package
-    from bioimageio.spec.model import v0_5
-
-    from ..atomic import check_writable
-    from ..config import GateConfig
     from ..data import dataset_quantiles, open_image
-    from .archive import open_package
-    from .descr import preprocessing
-    from .export import rejected_path
-    from .gate import validate_package
-    from .legacy import write_legacy_package
-    from .modeltest import run_model_test
     from .normalization import PackageNormalization
-    from .package_io import PackageError, untrusted_test_plan
+    from .package_io import PackageError
 
-    src, out = Path(source), Path(output)
-    check_writable(out, overwrite=overwrite)
-    if out.suffix.lower() != ".zip":
-        raise PackageError(f"the new package must be a .zip file, got {out.name}")
-    with open_package(src):  # integrity before bioimageio.spec reads anything of it
-        pass
-    runs, fmt = untrusted_test_plan(src, trust_code)
-    if not runs:
-        raise TrustError(f"{src.name}: its only weights run the package's code: pass --trust-code to refit it")
-    descr = load_description(src, perform_io_checks=False, format_version="latest")
-    if isinstance(descr, InvalidDescr) or not isinstance(descr, v0_5.ModelDescr):
-        raise PackageError(f"{src} is not a valid bioimage.io model package: validate it first (`tilenorm-bmz "
-                           "validate`)")
-    if len(descr.inputs) != 1:
-        raise PackageError(f"{src.name} has {len(descr.inputs)} inputs; refit handles packages with one input")
+    src = Path(source)
+    descr, fmt = _open_descr(src, trust_code)
     inp = descr.inputs[0]
-    n_ch = _channels(inp)
+    n_ch, n_spatial = _channels(inp), len(_spatial_axes(inp))
     images = [open_image(d) if not isinstance(d, np.ndarray) else d for d in data]
-    n_spatial = len(_spatial_axes(inp))
     for d, im in zip(data, images, strict=True):
         if len(im.shape) - 1 != n_spatial:
             raise PackageError(f"{d if not isinstance(d, np.ndarray) else 'an array'} has {len(im.shape) - 1} "
@@ -149,20 +122,111 @@ def refit_package(
     norm = PackageNormalization(mode="fixed", lower=lower, upper=upper, low=lo.tolist(), high=hi.tolist(),
                                 statistics_source=f"{len(images)} image(s) of the user's dataset, {n} voxels per "
                                                   "channel")
-    steps = preprocessing(norm, _spatial_axes(inp), n_ch)
-    new = descr.model_copy(update={"inputs": [inp.model_copy(update={"preprocessing": steps})]})
-
     names = [str(d) if not isinstance(d, np.ndarray) else f"array {d.shape}" for d in data]
-    config = new.config.model_dump(mode="json") if hasattr(new.config, "model_dump") else dict(new.config or {})
-    tool = dict(config.get("tilenorm_bmz") or {})
-    tool["input_normalization"] = {"mode": "fixed", "low": norm.low, "high": norm.high, "clip": True}
-    tool["input_norm"] = "fixed"
-    tool["refit"] = {"from": f"{src.name} ({descr.name}, version {descr.version})", "data": names,
-                     "lower": lower, "upper": upper, "low": norm.low, "high": norm.high, "sampled_voxels": n,
-                     "tool_version": __version__}
-    config["tilenorm_bmz"] = tool
-    new = new.model_copy(update={"config": v0_5.Config.model_validate(config)})
+    record = {"from": f"{src.name} ({descr.name}, version {descr.version})", "data": names, "lower": lower,
+              "upper": upper, "low": norm.low, "high": norm.high, "sampled_voxels": n, "tool_version": __version__}
+    tool = {"input_normalization": {"mode": "fixed", "low": norm.low, "high": norm.high, "clip": True},
+            "input_norm": "fixed", "refit": record}
+    cfg = gate_config
+    if cfg is None or "ilastik" not in cfg.gating_consumers:
+        from ..config import GateConfig
 
+        cfg = cfg or GateConfig()
+        cfg = cfg.model_copy(update={"gating_consumers": [*cfg.gating_consumers, "ilastik"]})
+    result = _rewrite(src, descr, fmt, norm, tool, Path(output), list(data), cfg, trust_code, overwrite, progress)
+    result.sampled_voxels = n
+    return result
+
+
+def percentile_package(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    lower: float | None = None,
+    upper: float | None = None,
+    data: Sequence[Any] | None = None,
+    trust_code: bool = False,
+    gate_config: Any = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> RefitResult:
+    """Write a copy of ``source`` whose input preprocessing is per-image percentile ``scale_range`` + ``clip``:
+    it adapts to any image's bit depth and range, as the paper normalizes globally (seamless in bioimageio.core,
+    deepImageJ and tilenorm-bmz, which normalize the whole image first; per tile in ilastik, see
+    :func:`refit_package`). ``lower``/``upper`` default to the quantiles the package records it was trained with
+    (``config.tilenorm_bmz.input_normalization``), else 1% / 99.8%. Gated on ``data`` (default: the package's
+    test input)."""
+    from ..config import GateConfig
+    from .normalization import PackageNormalization
+
+    src = Path(source)
+    descr, fmt = _open_descr(src, trust_code)
+    recorded = _tool(descr).get("input_normalization") or {}
+    lo_q = float(lower if lower is not None else recorded.get("lower", 0.01))
+    hi_q = float(upper if upper is not None else recorded.get("upper", 0.998))
+    norm = PackageNormalization(mode="percentile", lower=lo_q, upper=hi_q)
+    tool = {"input_normalization": {"mode": "global", "lower": lo_q, "upper": hi_q, "clip": True},
+            "input_norm": "percentile",
+            "renormalized": {"from": f"{src.name} ({descr.name}, version {descr.version})", "lower": lo_q,
+                             "upper": hi_q, "tool_version": __version__}}
+    return _rewrite(src, descr, fmt, norm, tool, Path(output), list(data) if data else None,
+                    gate_config or GateConfig(), trust_code, overwrite, progress)
+
+
+def _tool(descr: Any) -> dict[str, Any]:
+    config = descr.config.model_dump(mode="json") if hasattr(descr.config, "model_dump") else dict(descr.config or {})
+    return dict(config.get("tilenorm_bmz") or {})
+
+
+def _open_descr(src: Path, trust_code: bool) -> tuple[Any, str | None]:
+    """The package's (format 0.5) description after its integrity checks, and the weights it may run."""
+    from bioimageio.spec import InvalidDescr, load_description
+    from bioimageio.spec.model import v0_5
+
+    from .archive import open_package
+    from .package_io import PackageError, untrusted_test_plan
+
+    with open_package(src):  # integrity before bioimageio.spec reads anything of it
+        pass
+    runs, fmt = untrusted_test_plan(src, trust_code)
+    if not runs:
+        raise TrustError(f"{src.name}: its only weights run the package's code: pass --trust-code to rewrite it")
+    descr = load_description(src, perform_io_checks=False, format_version="latest")
+    if isinstance(descr, InvalidDescr) or not isinstance(descr, v0_5.ModelDescr):
+        raise PackageError(f"{src} is not a valid bioimage.io model package: validate it first (`tilenorm-bmz "
+                           "validate`)")
+    if len(descr.inputs) != 1:
+        raise PackageError(f"{src.name} has {len(descr.inputs)} inputs; only packages with one input are rewritten")
+    return descr, fmt
+
+
+def _rewrite(src: Path, descr: Any, fmt: str | None, norm: Any, tool_update: dict[str, Any], out: Path,
+             gate_data: list[Any] | None, gate_config: Any, trust_code: bool, overwrite: bool,
+             progress: bool) -> RefitResult:
+    """The package with ``norm`` as its input preprocessing and ``tool_update`` in ``config.tilenorm_bmz``: test
+    outputs recomputed, saved (legacy format for ilastik's stack), tested, gated, published or kept as rejected."""
+    from bioimageio.core import create_prediction_pipeline
+    from bioimageio.core.digest_spec import get_test_input_sample
+    from bioimageio.spec import save_bioimageio_package
+    from bioimageio.spec.model import v0_5
+
+    from ..atomic import check_writable
+    from .descr import preprocessing
+    from .export import rejected_path
+    from .gate import validate_package
+    from .legacy import write_legacy_package
+    from .modeltest import run_model_test
+    from .package_io import PackageError
+
+    check_writable(out, overwrite=overwrite)
+    if out.suffix.lower() != ".zip":
+        raise PackageError(f"the new package must be a .zip file, got {out.name}")
+    inp = descr.inputs[0]
+    steps = preprocessing(norm, _spatial_axes(inp), _channels(inp))
+    new = descr.model_copy(update={"inputs": [inp.model_copy(update={"preprocessing": steps})]})
+    config = new.config.model_dump(mode="json") if hasattr(new.config, "model_dump") else dict(new.config or {})
+    config["tilenorm_bmz"] = {**_tool(descr), **tool_update}
+    new = new.model_copy(update={"config": v0_5.Config.model_validate(config)})
     with tempfile.TemporaryDirectory(prefix="tilenorm_bmz_refit_") as tmp:
         # the test output, computed as bioimageio.core's own test computes it
         with create_prediction_pipeline(bioimageio_model=new, weight_format=fmt) as pp:  # type: ignore[arg-type]
@@ -185,15 +249,14 @@ def refit_package(
             save_bioimageio_package(new, output_path=candidate)
             write_legacy_package(candidate, candidate)  # the format ilastik's stack reads
             test = run_model_test(candidate, fmt)
-            refit = RefitResult(package=None, low=norm.low or [], high=norm.high or [], sampled_voxels=n, test=test)
+            refit = RefitResult(package=None, low=list(norm.low or []), high=list(norm.high or []), sampled_voxels=0,
+                                test=test)
             if not test.passed:
                 refit.rejected = publish(candidate, rejected_path(out))
                 return refit
-            cfg = gate_config or GateConfig()
-            if "ilastik" not in cfg.gating_consumers:
-                cfg = cfg.model_copy(update={"gating_consumers": [*cfg.gating_consumers, "ilastik"]})
-            report = validate_package(candidate, list(data), config=cfg, out_dir=out.with_name(f"{out.stem}.gate"),
-                                      trust_code=trust_code, progress=progress)
+            report = validate_package(candidate, gate_data, config=gate_config,
+                                      out_dir=out.with_name(f"{out.stem}.gate"), trust_code=trust_code,
+                                      progress=progress)
             refit.gate = report
             if not report.accepted:
                 refit.rejected = publish(candidate, rejected_path(out))
@@ -202,5 +265,5 @@ def refit_package(
         except BaseException:
             candidate.unlink(missing_ok=True)
             raise
-    logger.info("wrote %s: fixed normalization %s..%s from %d voxels per channel", out, norm.low, norm.high, n)
+    logger.info("wrote %s (%s)", out, norm.describe())
     return refit
