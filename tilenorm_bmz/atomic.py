@@ -1,7 +1,7 @@
 """Outputs that appear whole or not at all: temporary siblings, publishing, stale leftovers, writability.
 
 Every file or folder tilenorm-bmz writes for a user (checkpoints, packages, predictions, reports) is first
-written under a hidden sibling name ``.NAME.tilenorm-tmp-HOST-PID-XXXXXXXX`` in the same folder and then
+written under a hidden sibling name ``.NAME.tilenorm-tmp-HOST-PID-HEX`` in the same folder and then
 renamed into place (:func:`publish`), so an interrupted run never leaves a half-written ``NAME``:
 
 * on an exception, and on SIGTERM (the CLI turns it into ``SystemExit``, :func:`exit_on_sigterm`), the

@@ -211,31 +211,34 @@ class PackageFiles:
             raise IntegrityError(f"{self.source}: {what} {name!r} lies outside the package")
         return path
 
-    @contextlib.contextmanager
-    def open(self, name: str, what: str = "file") -> Iterator[IO[bytes]]:
-        """A binary stream of one file of the package (checked name; no extraction)."""
+    def _locate(self, name: str, what: str) -> tuple[str, Path | None]:
+        """The checked, canonical member name, and its path for an unpacked folder (None for a zip member)."""
         check_name(name, str(self.source))
         name = canonical(name)
         if self._members is None:
             path = self._folder_file(name, what)
             if not path.is_file():
                 raise IntegrityError(f"{self.source}: {what} {name!r} is missing from the package")
+            return name, path
+        if name not in self._members:
+            raise IntegrityError(f"{self.source}: {what} {name!r} is missing from the package")
+        return name, None
+
+    @contextlib.contextmanager
+    def open(self, name: str, what: str = "file") -> Iterator[IO[bytes]]:
+        """A binary stream of one file of the package (checked name; no extraction)."""
+        name, path = self._locate(name, what)
+        if path is not None:
             with open(path, "rb") as fh:
                 yield fh
             return
-        if name not in self._members:
-            raise IntegrityError(f"{self.source}: {what} {name!r} is missing from the package")
-        with zipfile.ZipFile(self.source) as zf, zf.open(self._members[name]) as fh:
+        with zipfile.ZipFile(self.source) as zf, zf.open(self._members[name]) as fh:  # type: ignore[index]
             yield fh
 
     def file(self, name: str, what: str = "file") -> Path:
         """The path of one file of the package, extracted on first use for zips (bounded by its checked size)."""
-        check_name(name, str(self.source))
-        name = canonical(name)
-        if self._members is None:
-            path = self._folder_file(name, what)
-            if not path.is_file():
-                raise IntegrityError(f"{self.source}: {what} {name!r} is missing from the package")
+        name, path = self._locate(name, what)
+        if path is not None:
             return path
         target = self._tmp / "members" / name
         if not target.is_file():
