@@ -181,6 +181,8 @@ class PackageFiles:
         self._tmp = tmp
         self._members: dict[str, zipfile.ZipInfo] | None = None
         self._root: Path | None = None
+        self.model_checked = False
+        """Set by :func:`~tilenorm_bmz.bmz.package_io.check_model` once the description was validated."""
         if source.is_dir():
             self._folder: Path | None = source.resolve()
             self.rdf_name = _rdf_member({p.name for p in source.iterdir()}, source)

@@ -525,11 +525,12 @@ def received_input(raw: np.ndarray, image: np.ndarray, normalization: dict[str, 
     return ReceivedInput(constant=bool(constant), **stats)
 
 
-def _degenerate_fix(subject: GateSubject, received: ReceivedInput) -> str:
+def _degenerate_fix(subject: GateSubject, raw: np.ndarray) -> str:
     norm = subject.normalization or {}
     if norm.get("mode") == "fixed" and norm.get("low") is not None:
         low, high = norm["low"], norm.get("high")
-        span = ", ".join(f"{a:g}..{b:g}" for a, b in zip(received.raw_min, received.raw_max, strict=True))
+        flat = raw.reshape(raw.shape[0], -1)
+        span = ", ".join(f"{np.nanmin(c):g}..{np.nanmax(c):g}" for c in flat)
         return (f"this data (range {span}) is outside the model's fixed normalization range {low}..{high}: export "
                 "with percentile normalization (`tilenorm-bmz package --input-norm percentile`) or refit the fixed "
                 "values on your data")
@@ -547,20 +548,13 @@ def _check_received(subject: GateSubject, cfg: GateConfig, name: str, raw: np.nd
                              "(c, *spatial): a measurement on it is meaningless; repair the image or fill them")
     if not np.isfinite(image).all():
         raise GateInputError(f"no verdict: the preprocessing turns {name} into NaN/Inf values (e.g. a constant "
-                             f"image under percentile normalization): {_degenerate_fix(subject, _nan_safe(raw))}")
+                             f"image under percentile normalization): {_degenerate_fix(subject, raw)}")
     received = received_input(raw, image, subject.normalization)
     problem = received.problem(cfg.max_clipped)
     if problem is not None:
         raise GateInputError(f"no verdict on {name}: {problem}, so every measurement on it would be noise; "
-                             f"{_degenerate_fix(subject, received)}")
+                             f"{_degenerate_fix(subject, raw)}")
     return received
-
-
-def _nan_safe(raw: np.ndarray) -> ReceivedInput:
-    flat = raw.reshape(raw.shape[0], -1)
-    zeros = [0.0] * raw.shape[0]
-    return ReceivedInput(raw_min=[float(c.min()) for c in flat], raw_max=[float(c.max()) for c in flat],
-                         min=zeros, max=zeros, clipped_low=zeros, clipped_high=zeros, constant=False)
 
 
 def _measure_image(

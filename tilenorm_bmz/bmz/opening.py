@@ -172,7 +172,7 @@ def _open_package(path: Path, trust_code: bool, weights: WeightsChoice, trainabl
     from .archive import open_package
     from .package_io import (
         PackageError,
-        _validate_format,
+        check_model,
         package_extra,
         read_package_model,
         read_torchscript,
@@ -180,9 +180,7 @@ def _open_package(path: Path, trust_code: bool, weights: WeightsChoice, trainabl
     )
 
     with open_package(path) as files:
-        if files.rdf.get("type") != "model":
-            raise PackageError(f"{path} describes a {files.rdf.get('type')!r}, not a model")
-        _validate_format(files.rdf_path)  # a description bioimageio.spec accepts: the fields below exist
+        check_model(files)  # a description bioimageio.spec accepts: the fields below exist
         present = set(files.rdf.get("weights") or {})
         order = ["pytorch_state_dict", "torchscript"] if weights == "auto" else [weights]
         if trainable:

@@ -238,9 +238,7 @@ def read_package_model(
     with _opened(source) as files:
         name = files.source
         rdf = files.rdf
-        if rdf.get("type") != "model":
-            raise PackageError(f"{name} describes a {rdf.get('type')!r}, not a model")
-        _validate_format(files.rdf_path)
+        check_model(files)
         weights = (rdf.get("weights") or {}).get("pytorch_state_dict")
         if not isinstance(weights, Mapping):
             present = ", ".join(sorted(rdf.get("weights") or {})) or "none"
@@ -345,6 +343,16 @@ def read_torchscript(source: str | os.PathLike[str] | PackageFiles) -> nn.Module
         return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
     except RuntimeError as e:
         raise PackageError(f"{files.source}: its torchscript weights could not be loaded: {str(e).splitlines()[0]}") from e
+
+
+def check_model(files: PackageFiles) -> None:
+    """The package describes a model that bioimageio.spec accepts (validated once per opened package)."""
+    if files.model_checked:
+        return
+    if files.rdf.get("type") != "model":
+        raise PackageError(f"{files.source} describes a {files.rdf.get('type')!r}, not a model")
+    _validate_format(files.rdf_path)
+    files.model_checked = True
 
 
 def _validate_format(rdf_path: Path) -> None:
