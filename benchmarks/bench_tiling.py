@@ -5,22 +5,21 @@ Same process, same random 3D BatchRenorm U-Net (eval, non-trivial running statis
 interleaved repeats, ratios of median times. ``max |x - whole|`` is against one forward pass of the
 whole (globally normalized, zero-padded-to-the-divisor) volume.
 
-    python benchmarks/bench_tiling.py                          # CPU default: 128^3, features 16, tile 96
-    python benchmarks/bench_tiling.py --size 256 --features 32 --tile 128 --repeats 3   # the paper's net (GPU)
-    python benchmarks/bench_tiling.py --quick                  # smoke run
+    python benchmarks/bench_tiling.py                 # CPU: 128^3, 192^3, 256^3, features 16, budget 1 GiB
+    python benchmarks/bench_tiling.py --only ooc      # one section (written to BENCHMARKS.md on its own)
+    python benchmarks/bench_tiling.py --sizes 256 512 --features 32 --budget-gib 16 --repeats 3   # a GPU
+    python benchmarks/bench_tiling.py --quick         # smoke run (prints, writes nothing)
 
-Sections:
+Sections (each its own ``##`` section of BENCHMARKS.md):
 
-1. **Methods**: TiledPredictor (crop the halo) vs MONAI ``sliding_window_inference`` with its default
-   overlap 0.25 and constant blending, and with the overlap that gives the same halo (``2*halo/tile``),
-   vs bioimage.io.core's blocked prediction of the exported package (same tile; skipped with
-   ``--skip-bmz``). All batch 1, same threads.
-2. **Overhead**: tiled time / whole-volume forward time vs the theoretical cost of the tiling
-   (voxels processed / image voxels, and ``(tile / (tile - 2*halo))^d`` of an infinite volume).
-3. **Out of core**: a fresh process predicts a Zarr volume into a Zarr output (``predict_file``); its peak
-   RSS at two volume sizes (the larger at least 4x the tile voxels), and the in-memory path for contrast.
-   A cheap network (depth 1, 1 feature) keeps this CPU-friendly: memory, not compute, is measured.
-4. **dask**: the same blocks on a local cluster of 1 and of 2 worker processes (1 thread each) vs the
+1. **Methods and overhead**: at each size, TiledPredictor with the tile ``plan_tile`` chooses for the memory
+   budget (the cheapest plan) vs MONAI ``sliding_window_inference`` (roi 96, overlap 0.25, constant
+   blending) vs bioimage.io.core's blocked prediction of the exported package, against one forward pass
+   of the whole volume (time and exactness); the plan's voxels processed vs the measured time ratio.
+2. **Out of core**: a fresh process predicts a uint8 Zarr volume into a 2-channel float32 Zarr output
+   (``predict_file`` with the budget); peak RSS growth and time per voxel, against the in-memory path. A
+   cheap network (depth 1, 2 features) keeps 640^3 CPU-friendly.
+3. **dask**: the same blocks on a local cluster of 1 and of 2 worker processes (1 thread each) vs the
    single process.
 """
 
@@ -30,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +46,7 @@ from tilenorm_bmz.config import InputNormalization
 from tilenorm_bmz.data import fit_normalization
 from tilenorm_bmz.models import UNet
 from tilenorm_bmz.tiling import TiledPredictor, forward_whole, predict_dask, recommend_halo
+from tilenorm_bmz.tiling.memory import plan_tile
 
 NORMALIZATION = {"mode": "global", "lower": 0.01, "upper": 0.98}
 
@@ -109,21 +110,49 @@ def bmz_fn(package: Path, raw: np.ndarray, tile: int):
     return run
 
 
+def bench_methods_at(args: argparse.Namespace, model: torch.nn.Module, halo: tuple[int, ...], size: int,
+                     package: Path | None) -> tuple[list[str], str]:
+    """Rows of the methods table at one volume size, and the tiling line."""
+    raw = make_volume(size, seed=size)
+    fitted = fit_normalization(InputNormalization(**NORMALIZATION), raw)
+    x = fitted.apply(raw)
+    plan, mem, budget = plan_tile(model, x.shape[1:], halo, device="cpu", memory_budget_bytes=args.budget)
+    predictor = TiledPredictor(model, plan.tile_shape, halo, device="cpu")
+    tiling = predictor.tiling(x.shape[1:])
+    roi = args.monai_roi
+    fns = {
+        "whole volume (one forward)": lambda: forward_whole(model, x, device="cpu"),
+        "TiledPredictor (planned tile)": lambda: predictor.predict(x),
+        f"MONAI roi {roi}, overlap 0.25": monai_fn(model, x, roi, 0.25),
+    }
+    if package is not None:
+        fns[f"bioimage.io.core blocked, block {max(plan.tile_shape)}"] = bmz_fn(package, raw, max(plan.tile_shape))
+
+    def windows(interval: int) -> int:  # MONAI: ceil((size - roi) / interval) + 1 windows per axis
+        return (1 if size <= roi else -(-(size - roi) // interval) + 1) ** 3
+
+    passes = [1, len(tiling), windows(int(roi * 0.75)), -(-size // (max(plan.tile_shape) - 2 * halo[0])) ** 3]
+    outputs = {name: fn() for name, fn in fns.items()}  # warm-up and the outputs to compare
+    whole = outputs["whole volume (one forward)"]
+    times = interleaved(fns, repeats=args.repeats, warmup=0)
+    t_tiled = median(times["TiledPredictor (planned tile)"])
+    t_whole = median(times["whole volume (one forward)"])
+    rows = []
+    for (name, out), n in zip(outputs.items(), passes, strict=False):
+        t = median(times[name])
+        err = float(np.abs(out - whole).max())
+        rows.append(f"| {size}^3 | {name} | {n} | {t:.2f} | {t / t_whole:.2f}x | {t / t_tiled:.2f}x | {err:.2e} |")
+    line = (
+        f"- {size}^3: {plan.describe()}; forward {mem.describe()}; budget {budget / 2**30:.2f} GiB. "
+        f"Tiled / whole = **{t_tiled / t_whole:.2f}x** (voxels processed: {tiling.overhead:.2f}x), "
+        f"tiled / MONAI = **{t_tiled / median(times[f'MONAI roi {roi}, overlap 0.25']):.2f}x**."
+    )
+    return rows, line
+
+
 def bench_methods(args: argparse.Namespace, workdir: Path) -> str:
     model = make_model(args.features)
     halo = recommend_halo(model, 3)
-    raw = make_volume(args.size)
-    fitted = fit_normalization(InputNormalization(**NORMALIZATION), raw)
-    x = fitted.apply(raw)
-    predictor = TiledPredictor(model, (args.tile,) * 3, halo, device="cpu")
-    tiling = predictor.tiling(x.shape[1:])
-    same_halo = 2 * halo[0] / args.tile
-    fns = {
-        "whole volume (one forward)": lambda: forward_whole(model, x, device="cpu"),
-        "TiledPredictor (crop halo)": lambda: predictor.predict(x),
-        "MONAI overlap 0.25, constant": monai_fn(model, x, args.tile, 0.25),
-        f"MONAI overlap {same_halo:.2f} (= halo), constant": monai_fn(model, x, args.tile, same_halo),
-    }
     package = None
     if not args.skip_bmz:
         try:
@@ -136,52 +165,65 @@ def bench_methods(args: argparse.Namespace, workdir: Path) -> str:
             t0 = time.perf_counter()
             package = export_package(
                 ckpt, workdir / "bench.zip", export_config=ExportConfig(authors=[{"name": "benchmark"}]),
-                sample=raw[0, :64, :64, :64],
+                sample=make_volume(64)[0],
             ).package
             print(f"exported the package in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-            fns["bioimage.io.core blocked (package)"] = bmz_fn(package, raw, args.tile)
-    def windows(interval: int) -> int:  # MONAI: ceil((size - roi) / interval) + 1 windows per axis
-        return (1 if args.size <= args.tile else -(-(args.size - args.tile) // interval) + 1) ** 3
-
-    passes = {
-        "whole volume (one forward)": 1,
-        "TiledPredictor (crop halo)": len(tiling),
-        "MONAI overlap 0.25, constant": windows(int(args.tile * 0.75)),
-        f"MONAI overlap {same_halo:.2f} (= halo), constant": windows(int(args.tile * (1 - same_halo))),
-        # bioimage.io.core: blocks of inner size tile - 2*halo from the origin, padded past the border
-        "bioimage.io.core blocked (package)": -(-args.size // (args.tile - 2 * halo[0])) ** 3,
-    }
-    outputs = {name: fn() for name, fn in fns.items()}  # warm-up and the outputs to compare
-    whole = outputs["whole volume (one forward)"]
-    times = interleaved(fns, repeats=args.repeats, warmup=0)
-    t_tiled = median(times["TiledPredictor (crop halo)"])
-    rows = []
-    for name, out in outputs.items():
-        t = median(times[name])
-        err = float(np.abs(out - whole).max())
-        rows.append(f"| {name} | {passes[name]} | {t:.2f} | {t / t_tiled:.2f}x | {err:.2e} |")
-    t_whole = median(times["whole volume (one forward)"])
-    measured = t_tiled / t_whole
-    voxels = tiling.overhead
+    rows, lines = [], []
+    for size in args.sizes:
+        r, line = bench_methods_at(args, model, halo, size, package)
+        rows += r
+        lines.append(line)
+        print(line, file=sys.stderr)
     body = [
-        f"Volume {args.size}^3 (1 channel, globally normalized), random 3D BatchRenorm U-Net (depth 2, features "
-        f"{args.features}), tile {args.tile}^3, halo {halo[0]} (the one-sided receptive field 23, rounded), batch 1; "
-        f"median of {args.repeats} interleaved repeats after a warm-up.",
+        f"Random 3D BatchRenorm U-Net (depth 2, features {args.features}, exported form: BatchNorm in eval), "
+        f"volume 1 channel globally normalized, halo {halo[0]} (the one-sided receptive field 23, rounded); "
+        f"TiledPredictor's tile chosen by `plan_tile` for a memory budget of {args.budget / 2**30:.2f} GiB "
+        "(measured forward memory + pipeline buffers, the cheapest plan); MONAI `sliding_window_inference` with "
+        f"roi {args.monai_roi}, overlap 0.25, constant blending; bioimage.io.core's blocked prediction of the exported "
+        "package with blocks of the planned tile's largest side. Batch 1, same threads, "
+        f"median of {args.repeats} interleaved repeat(s) after a warm-up run that also gives the outputs.",
         "",
-        "| method | forward passes | time (s) | time / TiledPredictor | max abs diff to whole |",
-        "|---|---|---|---|---|",
+        "| volume | method | forward passes | time (s) | time / whole | time / TiledPredictor | max abs diff to whole |",
+        "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Tiling: {tiling.describe()}.",
-        "",
-        "**Overhead**: tiled / whole-volume time = "
-        f"**{measured:.2f}x**; theoretical for this tiling (voxels processed / image voxels) = {voxels:.2f}x "
-        f"(measured / theoretical = **{measured / voxels:.2f}**); an infinite volume would cost "
-        f"(tile / (tile - 2*halo))^3 = {tiling.theoretical_overhead:.2f}x.",
+        *lines,
     ]
     if package is None:
         body += ["", "bioimage.io.core: not run (`--skip-bmz`)."]
     return "\n".join(body)
+
+
+def bench_plan(args: argparse.Namespace, workdir: Path) -> str:
+    """Voxels processed (not timed) by the cheapest exact plan vs MONAI's windows, over volume sizes."""
+    from tilenorm_bmz.tiling.memory import measure_forward_memory, pipeline_bytes_per_voxel
+    from tilenorm_bmz.tiling.plan import plan_tiles
+
+    model = make_model(args.features)
+    halo = recommend_halo(model, 3)
+    mem = measure_forward_memory(model, 3, device="cpu", budget=args.budget)
+    limit = args.budget / (mem.bytes_per_voxel + pipeline_bytes_per_voxel(1, mem.out_channels))
+    roi, interval = args.monai_roi, int(args.monai_roi * 0.75)
+    rows = []
+    for size in range(128, 385, 32):
+        plan = plan_tiles((size,) * 3, halo, model.divisor, limit)
+        n = 1 if size <= roi else -(-(size - roi) // interval) + 1
+        monai = (n * roi / size) ** 3
+        rows.append(f"| {size}^3 | {'x'.join(map(str, plan.grid))} of {'x'.join(map(str, plan.tile_shape))} | "
+                    f"{plan.overhead:.2f}x | {n}^3 of {roi}^3 | {monai:.2f}x | {plan.overhead / monai:.2f} |")
+    return "\n".join([
+        f"The plan `plan_tile` makes for the same network (forward {mem.describe()}; budget "
+        f"{args.budget / 2**30:.2f} GiB; halo {halo[0]}) vs MONAI's windows (roi {roi}, overlap 0.25: "
+        f"interval {interval}): voxels processed / image voxels, computed from the geometry, not timed (time "
+        "per voxel is constant, so the time ratio follows; see the measured table above). MONAI's windows "
+        f"overlap by {roi - interval} voxels, less than the 2 x {halo[0]} an exact stitch needs, so where its "
+        "windows happen to fit the volume snugly it processes fewer voxels, and its output differs from the "
+        "whole-volume forward (the max abs diff column above).",
+        "",
+        "| volume | exact plan | voxels processed | MONAI windows | MONAI voxels processed | plan / MONAI |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ])
 
 
 # -- 3: out of core -------------------------------------------------------------------------------------
@@ -209,34 +251,25 @@ def _reset_peak_rss() -> bool:
 
 def ooc_child(args: argparse.Namespace) -> None:
     """Run in a fresh process: predict a Zarr volume (into Zarr or .npy); print time and peak RSS as JSON."""
+    from tilenorm_bmz.data.io import open_image
     from tilenorm_bmz.tiling import predict_file
 
     torch.set_num_threads(args.threads)
-    from tilenorm_bmz.data.io import open_image
-
     model, info = load_checkpoint(args.ooc_checkpoint)
-    # 0. for scale: one forward pass of one tile (the second one: the first builds oneDNN's caches)
-    tile = torch.zeros((1, 1, *(args.ooc_tile,) * 3))
-    with torch.inference_mode():
-        model(tile)
-        base = _rss("VmRSS") or 0
-        reset = _reset_peak_rss()
-        model(tile)
-    tile_peak = (_rss("VmHWM") or 0) - base if reset else None
-    del tile
     before = _rss("VmRSS") or 0
     # 1. the global normalization, fitted once (from a bounded sample of blocks for large volumes)
     reset = _reset_peak_rss()
     settings = InputNormalization.model_validate(info.extra["input_normalization"])
     fitted = fit_normalization(settings, open_image(args.ooc_input))
     fit_peak = _rss("VmHWM") if reset else None
-    # 2. the tiled prediction with those statistics (mode "fixed" applies exactly the fitted lo/hi)
+    # 2. the tiled prediction with those statistics (mode "fixed" applies exactly the fitted lo/hi), the
+    #    tile planned for the budget (its probes run here too: part of the measured peak)
     fixed = settings.model_copy(update={"mode": "fixed", "low": list(fitted.lo), "high": list(fitted.hi)})
     before_predict = _rss("VmRSS") or 0
     reset = _reset_peak_rss()
     t0 = time.perf_counter()
     summary = predict_file(
-        model, args.ooc_input, args.ooc_output, tile_shape=(args.ooc_tile,) * 3, device="cpu", normalization=fixed,
+        model, args.ooc_input, args.ooc_output, device="cpu", normalization=fixed, memory_budget=args.budget,
     )
     seconds = time.perf_counter() - t0
     peak = _rss("VmHWM") if reset else None
@@ -244,71 +277,80 @@ def ooc_child(args: argparse.Namespace) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux, BSD: kB
     out = {
         "seconds": seconds, "peak_rss": peak, "before": before, "before_predict": before_predict,
-        "fit_peak": fit_peak, "tile_peak": tile_peak, "blocks": summary.n_blocks, "halo": summary.halo[0], "estimated": fitted.estimated,
+        "fit_peak": fit_peak, "blocks": summary.n_blocks, "halo": summary.halo[0], "estimated": fitted.estimated,
+        "tile": summary.tile_shape, "overhead": summary.overhead, "plan": summary.plan,
     }
     print(json.dumps(out))
 
 
 def write_zarr(path: Path, size: int, seed: int) -> None:
-    """A raw-looking Zarr volume, written slab by slab (the parent never holds it either)."""
+    """A raw-looking uint8 Zarr volume, written slab by slab (the parent never holds it either)."""
     import zarr
 
-    z = zarr.open_array(str(path), mode="w", shape=(1, size, size, size), chunks=(1, 64, 64, 64), dtype="float32")
+    z = zarr.open_array(str(path), mode="w", shape=(1, size, size, size), chunks=(1, 64, 64, 64), dtype="uint8")
     rng = np.random.default_rng(seed)
     for k in range(0, size, 64):
-        z[:, k : k + 64] = rng.gamma(2.0, 100.0, (1, min(64, size - k), size, size)).astype(np.float32)
+        slab = rng.gamma(2.0, 20.0, (1, min(64, size - k), size, size))
+        z[:, k : k + 64] = np.clip(slab, 0, 255).astype(np.uint8)
 
 
 def bench_out_of_core(args: argparse.Namespace, workdir: Path) -> str:
     model = make_model(args.ooc_features, seed=1, depth=args.ooc_depth)
     ckpt = save_checkpoint(workdir / "ooc.pt", model, input_normalization=NORMALIZATION)
-    rows = []
-    tile = args.ooc_tile
+    rows, ratios = [], []
     halo = None
+    mib = 2**20
     for size in args.ooc_sizes:
         inp = workdir / f"in{size}.zarr"
         write_zarr(inp, size, seed=size)
+        per_voxel = {}
         for kind, suffix in (("Zarr (out of core)", ".zarr"), ("in memory (.npy)", ".npy")):
             out = workdir / f"out{size}{suffix}"
             cmd = [
                 sys.executable, __file__, "--ooc-child", "--ooc-checkpoint", str(ckpt), "--ooc-input", str(inp),
-                "--ooc-output", str(out), "--ooc-tile", str(tile), "--threads", str(args.threads),
+                "--ooc-output", str(out), "--budget-gib", str(args.budget / 2**30), "--threads", str(args.threads),
             ]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             info = json.loads(res.stdout.strip().splitlines()[-1])
             halo = info["halo"]
-            vol_mb = size**3 * 4 * 3 / 2**20  # input + 2-channel output, float32
-            mib = 2**20
+            io_mib = size**3 * (1 + 2 * 4) / mib  # uint8 input + 2-channel float32 output
             fit = "-" if info["fit_peak"] is None else f"{(info['fit_peak'] - info['before']) / mib:.0f}"
-            one = "-" if info["tile_peak"] is None else f"{info['tile_peak'] / mib:.0f}"
+            per_voxel[kind] = info["seconds"] / size**3
+            growth = (info["peak_rss"] - info["before_predict"]) / mib
             rows.append(
-                f"| {size}^3 | {kind} | {size**3 / tile**3:.1f}x | {vol_mb:.0f} | {info['blocks']} | "
+                f"| {size}^3 | {kind} | {io_mib:.0f} | {io_mib * mib / args.budget:.1f}x | "
+                f"{'x'.join(map(str, info['tile']))} | {info['blocks']} | {info['overhead']:.2f}x | "
                 f"{fit}{' (sampled)' if info['estimated'] else ''} | {info['before_predict'] / mib:.0f} | "
-                f"**{info['peak_rss'] / mib:.0f}** | **{(info['peak_rss'] - info['before_predict']) / mib:.0f}** | "
-                f"{one} | {info['seconds']:.1f} |"
+                f"**{growth:.0f}** | {info['seconds']:.1f} | {per_voxel[kind] * 1e9:.0f} |"
             )
+            print(rows[-1], info["plan"], file=sys.stderr)
             if out.suffix == ".npy":
                 out.unlink()
+            else:
+                shutil.rmtree(out)
+        shutil.rmtree(inp)
+        ratios.append(
+            f"{size}^3: **{per_voxel['Zarr (out of core)'] / per_voxel['in memory (.npy)']:.2f}x**"
+        )
     return "\n".join([
-        f"`predict_file` of a Zarr volume in a fresh process per run (random 3D BatchRenorm U-Net, depth "
-        f"{args.ooc_depth}, features {args.ooc_features}, halo {halo} from its receptive field; tile {tile}^3; "
-        "Zarr output chunks = the blocks' inner regions; global normalization, estimated from a seeded sample "
-        "of blocks when the volume has more than 2^24 voxels). The in-memory rows write the same prediction "
-        "to .npy (whole output in memory), for contrast.",
+        f"`predict_file` of a uint8 Zarr volume into a 2-channel float32 output, in a fresh process per run "
+        f"(random 3D BatchRenorm U-Net, depth {args.ooc_depth}, features {args.ooc_features}, halo {halo} from "
+        f"its receptive field; the tile planned for a budget of {args.budget / 2**30:.2f} GiB; global "
+        "normalization, estimated from a seeded sample of blocks when the volume has more than 2^24 voxels). "
+        "The in-memory rows write the same prediction to .npy (whole output in memory), for contrast.",
         "",
-        "Fitting the normalization (quantiles of the whole volume, or of a seeded sample of at most 2^24 "
-        "voxels per channel) is measured on its own: its memory growth is bounded by the sample, not the "
+        "Fitting the normalization is measured on its own: its memory growth is bounded by the sample, not the "
         "volume. Then the prediction runs with those statistics: RSS before = after imports, model and fit; "
-        "peak = the peak RSS while predicting (Linux `VmHWM`, reset just before); growth = peak - before.",
+        "growth = the peak RSS while predicting (Linux `VmHWM`, reset just before, the tile plan's probes "
+        "included) - before. Out of core, the growth must stay below the budget whatever the volume; in memory "
+        "it grows with the output.",
         "",
-        "The out-of-core growth does not scale with the volume (8x the voxels: about +0.1 GiB, the in-memory "
-        "path: + the output); what remains is glibc's dynamic mmap threshold keeping freed tile buffers in the "
-        "heap (with `MALLOC_MMAP_THRESHOLD_=1048576` a per-block RSS trace stays flat after the first blocks).",
-        "",
-        "| volume | output | volume / tile voxels | input + output (MiB) | blocks | normalization fit growth "
-        "(MiB) | RSS before (MiB) | peak RSS (MiB) | growth (MiB) | one tile's forward alone (MiB) | time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| volume | output | input + output (MiB) | data / budget | tile | blocks | voxels processed | normalization "
+        "fit growth (MiB) | RSS before (MiB) | peak RSS growth (MiB) | time (s) | ns / voxel |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        "Time per voxel, out of core / in memory: " + ", ".join(ratios) + ".",
     ])
 
 
@@ -392,68 +434,65 @@ def bench_dask(args: argparse.Namespace, workdir: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=128, help="volume side for the methods comparison")
-    p.add_argument("--tile", type=int, default=96)
+    p.add_argument("--sizes", type=int, nargs="+", default=[128, 192, 256], help="volume sides (methods)")
+    p.add_argument("--budget-gib", type=float, default=1.0, help="memory budget of the planned tiles")
+    p.add_argument("--monai-roi", type=int, default=96, help="MONAI's window side")
     p.add_argument("--features", type=int, default=16, help="U-Net features of the first level (paper: 32)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-bmz", action="store_true", help="skip the bioimage.io.core column")
-    p.add_argument("--ooc-sizes", type=int, nargs=2, default=[192, 384], help="out-of-core volume sides")
-    p.add_argument("--ooc-tile", type=int, default=128, help="tile of the out-of-core and dask runs")
+    p.add_argument("--ooc-sizes", type=int, nargs="+", default=[256, 640], help="out-of-core volume sides")
+    p.add_argument("--ooc-tile", type=int, default=128, help="tile of the dask runs")
     p.add_argument("--ooc-depth", type=int, default=1, help="U-Net depth of the out-of-core and dask runs")
-    p.add_argument("--ooc-features", type=int, default=1, help="U-Net features of the out-of-core and dask runs")
+    p.add_argument("--ooc-features", type=int, default=2, help="U-Net features of the out-of-core and dask runs")
     p.add_argument("--dask-size", type=int, default=192)
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run (not for BENCHMARKS.md)")
     p.add_argument("--no-write", action="store_true", help="print instead of writing BENCHMARKS.md")
-    p.add_argument("--only", choices=["methods", "ooc", "dask"], help="run one section (implies --no-write)")
+    p.add_argument("--only", choices=["methods", "plan", "ooc", "dask"], help="run (and write) one section")
     # internal: the out-of-core child process
     p.add_argument("--ooc-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ooc-checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--ooc-input", help=argparse.SUPPRESS)
     p.add_argument("--ooc-output", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.budget = int(args.budget_gib * 2**30)
     if args.ooc_child:
         ooc_child(args)
         return
     if args.quick:
-        args.size, args.tile, args.features, args.repeats = 64, 56, 4, 1
-        args.ooc_sizes, args.ooc_tile, args.dask_size = [64, 128], 64, 96
+        args.sizes, args.features, args.repeats, args.monai_roi = [64], 4, 1, 48
+        args.ooc_sizes, args.ooc_tile, args.dask_size = [64, 96], 64, 96
+        args.budget = 256 * 2**20
         args.skip_bmz, args.no_write = True, True
     torch.set_num_threads(args.threads)
-    if args.only:
-        args.no_write = True
-    sections = {"methods": "", "ooc": "", "dask": ""}
-    load_before, t_start = os.getloadavg()[0], time.perf_counter()
+    titles = {
+        "methods": "Tiled prediction: methods and overhead",
+        "plan": "Tiled prediction: the plan vs MONAI's windows",
+        "ooc": "Tiled prediction: out of core",
+        "dask": "Tiled prediction: dask.distributed",
+    }
     with tempfile.TemporaryDirectory(prefix="bench_tiling_") as tmp:
         workdir = Path(tmp)
-        for name, fn in (("methods", bench_methods), ("ooc", bench_out_of_core), ("dask", bench_dask)):
-            if args.only in (None, name):
-                sections[name] = fn(args, workdir)
-                print(sections[name], file=sys.stderr)
-    methods, ooc, dask = sections["methods"], sections["ooc"], sections["dask"]
-    minutes = (time.perf_counter() - t_start) / 60
-    body = "\n".join([
-        f"Machine: {machine()}. Command: `{command_line()}` ({minutes:.0f} min; 1-min load average "
-        f"{load_before:.1f} before the run"
-        + (": other processes shared the cores)." if load_before > 0.5 else ", an idle machine)."),
-        "",
-        "### Methods and overhead",
-        "",
-        methods,
-        "",
-        "### Out of core (peak memory)",
-        "",
-        ooc,
-        "",
-        "### dask.distributed",
-        "",
-        dask,
-    ])
-    if args.no_write:
-        print(body)
-    else:
-        write_section("Tiled prediction", body)
-        print(f"wrote the 'Tiled prediction' section of {os.path.relpath(Path(__file__).parent.parent / 'BENCHMARKS.md')}")
+        sections = (("methods", bench_methods), ("plan", bench_plan), ("ooc", bench_out_of_core),
+                    ("dask", bench_dask))
+        for name, fn in sections:
+            if args.only not in (None, name):
+                continue
+            load_before, t_start = os.getloadavg()[0], time.perf_counter()
+            text = fn(args, workdir)
+            minutes = (time.perf_counter() - t_start) / 60
+            body = "\n".join([
+                f"Machine: {machine()}. Command: `{command_line()}` ({minutes:.0f} min for this section; 1-min "
+                f"load average {load_before:.1f} before it"
+                + (": other processes shared the cores)." if load_before > 0.5 else ", an idle machine)."),
+                "",
+                text,
+            ])
+            if args.no_write:
+                print(body)
+            else:
+                write_section(titles[name], body)
+                print(f"wrote the '{titles[name]}' section of BENCHMARKS.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -146,3 +146,44 @@ def test_report_round_trips_through_json():
     assert again.model_dump() == rf.model_dump() and again.mean_abs_gradient is None
     with pytest.raises(ValueError, match="carries no gradient image"):
         again.log_gradient()
+
+
+class _ThirdPartyUNet(nn.Module):
+    """A norm-free 2D U-Net as a third party writes it (4 max-poolings, nearest upsampling): not ours."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleList(nn.Conv2d(1 if i == 0 else 4, 4, 3, padding=1) for i in range(4))
+        self.pool = nn.MaxPool2d(2)
+        self.mid = nn.Conv2d(4, 4, 3, padding=1)
+        self.dec = nn.ModuleList(nn.Conv2d(8, 4, 3, padding=1) for _ in range(4))
+        self.out = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for conv in self.enc:
+            x = torch.relu(conv(x))
+            skips.append(x)
+            x = self.pool(x)
+        x = torch.relu(self.mid(x))
+        for i, conv in enumerate(self.dec):
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = torch.relu(conv(torch.cat([x, skips[len(skips) - 1 - i]], 1)))
+        return self.out(x)
+
+
+def test_a_torchscript_network_is_measured_with_the_package_step_as_divisor():
+    # the package's size step (16) is a multiple of the network's own; every phase of it is measured and the
+    # probe grows until the support is interior, so the step does not make the TRF unmeasurable
+    torch.manual_seed(1)
+    eager = _ThirdPartyUNet().eval()
+    true = receptive_field(eager, 2, divisor=(16, 16)).theoretical  # the edited eager copy: the exact TRF
+    scripted = torch.jit.script(eager)
+    own = receptive_field(scripted, 2, divisor=(1, 1), n_samples=4)  # phase 0 only: sees less
+    step = receptive_field(scripted, 2, divisor=(16, 16), n_samples=4)
+    assert true is not None and min(true) >= 50  # 4 levels of 3x3 convolutions: a wide field
+    assert step.theoretical is not None and own.theoretical is not None
+    assert all(0.85 * t <= s <= t for s, t in zip(step.theoretical, true, strict=True))
+    assert all(s >= o for s, o in zip(step.theoretical, own.theoretical, strict=True))
+    assert step.recommended_halo[0] >= step.theoretical[0] and not step.normalization_couples_tile
+    assert not any("reaches the border" in n for n in step.notes)

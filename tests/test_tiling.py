@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import pickle
 
 import numpy as np
@@ -11,8 +13,9 @@ from torch import nn
 
 from tilenorm_bmz.config import InputNormalization
 from tilenorm_bmz.data import fit_normalization
+from tilenorm_bmz.introspect import ceil_to
 from tilenorm_bmz.models import UNet
-from tilenorm_bmz.tiling import TiledPredictor, forward_whole, recommend_halo
+from tilenorm_bmz.tiling import TiledPredictor, forward_whole, min_tile_size, recommend_halo
 
 from .conftest import randomize_norm_stats
 
@@ -216,33 +219,74 @@ def test_network_that_changes_the_size_is_refused():
         TiledPredictor(valid, (32, 32), 2, device="cpu").predict(np.zeros((1, 40, 40), np.float32))
 
 
-def test_auto_tile_fits_the_budget_and_the_image():
-    from tilenorm_bmz.tiling import auto_tile_shape, bytes_per_voxel, min_tile_size
+@pytest.mark.parametrize(("dims", "image", "budget_mib", "batch"), [(2, (3000, 2500), 48, 1), (3, (160, 200, 190), 384, 2)])
+def test_a_forward_of_the_chosen_tile_stays_within_the_budget(dims, image, budget_mib, batch):
+    # the plan extrapolates the memory measured on probe tiles; measure the chosen tile itself
+    from tilenorm_bmz.tiling.memory import peak_forward_bytes, pipeline_bytes_per_voxel, plan_tile
 
-    model = _unet(2, "batchrenorm")
-    bpv = bytes_per_voxel(model, 2, device="cpu")
-    assert bpv > 4 * 4  # at least the first feature maps
-    budget = int(bpv * 200 * 200)
-    tile = auto_tile_shape(model, (5000, 5000), (HALO, HALO), device="cpu", memory_budget_bytes=budget)
-    assert all(t % 4 == 0 for t in tile) and tile[0] * tile[1] * bpv <= budget and min(tile) >= 180
-    assert auto_tile_shape(model, (90, 5000), (HALO, HALO), device="cpu", memory_budget_bytes=budget)[0] == 92
-    tiny = auto_tile_shape(model, (5000, 5000), (HALO, HALO), device="cpu", memory_budget_bytes=1)
-    assert tiny == (min_tile_size(HALO, 4),) * 2  # never below the smallest valid tile
+    model = _unet(dims, "batchrenorm")
+    budget = budget_mib * 2**20
+    plan, mem, used = plan_tile(model, image, (HALO,) * dims, device="cpu", memory_budget_bytes=budget,
+                                batch_size=batch)
+    assert used == budget and plan.fits and all(t % 4 == 0 for t in plan.tile_shape)
+    peak, out_channels, method = peak_forward_bytes(model, (batch, 1, *plan.tile_shape), "cpu")
+    assert "profiler" in method and out_channels == mem.out_channels == 2
+    buffers = batch * pipeline_bytes_per_voxel(1, out_channels) * math.prod(plan.tile_shape)
+    assert peak + buffers <= budget
+    assert peak + buffers > budget / 4  # the budget is used, not wasted on needless tiles
+    assert mem.bytes_per_voxel > 4 * 4  # at least the first feature maps
 
 
-def test_auto_tile_avoids_needless_overlap():
-    # a budget of about 152^2 on a 160^2 image needs 2 tiles per axis either way: the smallest such tile wins
-    from tilenorm_bmz.tiling import Tiling, auto_tile_shape, bytes_per_voxel
+def _brute_force_cost(shape, halo, div, max_voxels):
+    from tilenorm_bmz.tiling import Tiling
 
-    model = _unet(2, "batchrenorm")
-    halo = 24
-    budget = int(bytes_per_voxel(model, 2, device="cpu") * 152 * 152)
-    tile = auto_tile_shape(model, (160, 160), (halo, halo), device="cpu", memory_budget_bytes=budget)
-    assert tile == (104, 104)
-    big = Tiling((160, 160), (152, 152), (halo, halo), (4, 4))
-    small = Tiling((160, 160), tile, (halo, halo), (4, 4))
-    assert len(small) == len(big) == 4
-    assert small.overhead < big.overhead
+    ranges = [range(min_tile_size(h, d), ceil_to(s, d) + d, d) for s, h, d in zip(shape, halo, div, strict=True)]
+    best = None
+    for tile in itertools.product(*ranges):
+        t = Tiling(shape, tile, halo, div)
+        if math.prod(t.effective_tile_shape) <= max_voxels:
+            cost = len(t) * math.prod(t.effective_tile_shape)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_plan_processes_the_fewest_voxels(seed):
+    from tilenorm_bmz.tiling import Tiling
+    from tilenorm_bmz.tiling.plan import plan_tiles
+
+    rng = np.random.default_rng(seed)
+    dims = 2 + seed % 2
+    shape = tuple(int(s) for s in rng.integers(40, 130 if dims == 2 else 90, dims))
+    div = tuple(int(d) for d in rng.choice([1, 2, 4, 8], dims))
+    halo = tuple(int(h) for h in rng.integers(0, 12, dims))
+    max_voxels = float(rng.uniform(0.2, 1.2) * math.prod(shape))
+    plan = plan_tiles(shape, halo, div, max_voxels)
+    tiling = Tiling(shape, plan.tile_shape, halo, div)
+    assert tiling.grid_shape == plan.grid and tiling.overhead == pytest.approx(plan.overhead)
+    assert math.prod(plan.tile_shape) <= max_voxels or not plan.fits
+    assert plan.n_tiles * math.prod(plan.tile_shape) == _brute_force_cost(shape, halo, div, max_voxels)
+
+
+def test_flush_border_tiles_need_a_halo_on_one_side_only():
+    from tilenorm_bmz.tiling.memory import ForwardMemory, plan_tile
+    from tilenorm_bmz.tiling.plan import plan_tiles
+
+    # 192^3, halo 24: two tiles of 120 per axis (1.95x the voxels), not three of 96 (3.4x)
+    plan = plan_tiles((192,) * 3, (24,) * 3, (4,) * 3, 130**3)
+    assert plan.tile_shape == (120,) * 3 and plan.grid == (2, 2, 2) and plan.overhead == pytest.approx(1.953, abs=1e-3)
+    # concurrent writers: whole chunks of 96 still allow it
+    assert plan_tiles((192,) * 3, (24,) * 3, (4,) * 3, 130**3, chunked=True).chunks == (96, 96, 96)
+    # a budget of about 152^2 on a 160^2 image: one axis whole, two tiles of 104 (not 152) along the other
+    mem = ForwardMemory(bytes_per_voxel=100.0, out_channels=1, method="given")
+    per_voxel = 100 + 4 * (2 + 3 + 4)  # forward + pipeline buffers, 1 channel in and out
+    plan, _, _ = plan_tile(_unet(2, "batchrenorm"), (160, 160), (24, 24), device="cpu",
+                           memory_budget_bytes=per_voxel * 152 * 152, memory=mem)
+    assert sorted(plan.tile_shape) == [104, 160] and plan.n_tiles == 2 and plan.overhead == pytest.approx(1.3)
+    # too small a budget: the smallest valid tile, said to not fit
+    plan, _, _ = plan_tile(_unet(2, "batchrenorm"), (5000, 5000), (HALO, HALO), device="cpu",
+                           memory_budget_bytes=1, memory=mem)
+    assert plan.tile_shape == (min_tile_size(HALO, 4),) * 2 and not plan.fits
 
 
 def test_infer_divisor_from_strides_and_its_errors():

@@ -90,6 +90,7 @@ def test_predict_file_zarr_tiff_npy_agree_with_the_predictor(tmp_path):
     norm = InputNormalization()
     expected = TiledPredictor(model, (64, 64), HALO, device="cpu", preprocess=fit_normalization(norm, x).apply).predict(x)
     scale = np.abs(expected).max()
+    blocks = set()
     for name in ("out.zarr", "out.tif", "out.npy"):
         summary = predict_file(
             model,
@@ -101,9 +102,29 @@ def test_predict_file_zarr_tiff_npy_agree_with_the_predictor(tmp_path):
         )
         assert summary.halo == (HALO, HALO) and summary.output_shape == (2, 150, 130)
         assert summary.mode == ("out-of-core" if name.endswith("zarr") else "in-memory")
+        blocks.add(summary.n_blocks)
         got = np.load(tmp_path / name) if name.endswith(".npy") else open_image(tmp_path / name).read()
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * scale)
     assert _listing(tmp_path) == {"img.npy", "out.zarr", "out.tif", "out.npy"}  # no temporary files left
+    # chunk-aligned blocks would need more tiles here: one writer writes parts of chunks instead
+    assert len(blocks) == 1
+
+
+@pytest.mark.parametrize("name", ["out.zarr", "out.npy"])
+def test_predict_file_plans_the_tile_from_the_measured_memory(tmp_path, name):
+    from tilenorm_bmz.tiling import Tiling
+
+    model = _unet()
+    x = _raw((1, 300, 280))
+    np.save(tmp_path / "img.npy", x)
+    budget = 6 * 2**20
+    summary = predict_file(model, tmp_path / "img.npy", tmp_path / name, device="cpu", memory_budget=budget)
+    tiling = Tiling((300, 280), summary.tile_shape, summary.halo, summary.divisor)
+    assert summary.n_blocks == len(tiling) > 1 and summary.overhead == pytest.approx(tiling.overhead)
+    assert summary.plan is not None and "bytes/voxel" in summary.plan and "overhead" in summary.plan
+    expected = TiledPredictor(model, summary.tile_shape, summary.halo, device="cpu").predict(x)
+    got = np.load(tmp_path / name) if name.endswith(".npy") else open_image(tmp_path / name).read()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 class _FailsAfter(nn.Module):

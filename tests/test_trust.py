@@ -413,3 +413,34 @@ def test_many_small_compressible_members_are_a_zip_bomb_too(tmp_path: Path) -> N
     with pytest.raises(IntegrityError, match="the archive expands"):
         with open_package(bomb, limits=limits):
             pass
+
+
+def test_earlier_releases_of_our_unet_are_recognized_and_compute_the_same(tmp_path: Path) -> None:
+    import importlib.util
+
+    from tilenorm_bmz.bmz.package_io import _is_our_unet
+    from tilenorm_bmz.models import unet
+
+    class Files:  # what _is_our_unet reads from a package
+        def file(self, name: str, what: str) -> Path:
+            return tmp_path / name
+
+    released = sorted((Path(unet.__file__).parent / "released").glob("unet-*.py.txt"))
+    assert released
+    for src in [Path(unet.__file__), *released]:
+        (tmp_path / "unet.py").write_text("# exported by an earlier tilenorm-bmz\n" + src.read_text())
+        assert _is_our_unet(Files(), "unet.py"), src.name
+    (tmp_path / "unet.py").write_text(released[0].read_text().replace("dim=1))", "dim=1) * 2)"))
+    assert not _is_our_unet(Files(), "unet.py")  # other code is not ours
+    torch.manual_seed(0)
+    current = UNet(dims=2, in_channels=1, out_channels=2, depth=3, features=4, norm="batchrenorm").eval()
+    x = torch.randn(1, 1, 48, 40)
+    for src in released:  # each release builds the same network from the same kwargs and state dict
+        name = f"released_{src.name.split('.')[0].replace('-', '_')}"
+        loader = importlib.machinery.SourceFileLoader(name, str(src))
+        module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+        loader.exec_module(module)
+        old = module.UNet(dims=2, in_channels=1, out_channels=2, depth=3, features=4, norm="batchrenorm").eval()
+        old.load_state_dict(current.state_dict())
+        with torch.inference_mode():
+            torch.testing.assert_close(old(x), current(x), rtol=0, atol=0)

@@ -408,8 +408,10 @@ def predict(
     normalization: Annotated[NormalizationOption, typer.Option(  # type: ignore[valid-type]
         help="model: as trained; global or tilewise quantiles; none: raw values.")] = DEFAULT_NORMALIZATION,
     axes: Annotated[str | None, typer.Option(help="Axes of the input when the file does not say, e.g. cyx, czyx.")] = None,
-    memory_gb: Annotated[float | None, typer.Option("--memory-gb", help="Memory budget of one forward pass "
-                                                    "when choosing the tile.")] = None,
+    memory_gb: Annotated[float | None, typer.Option("--memory-gb", help="Memory budget (GiB) of the tiled "
+                                                    "prediction (forward pass + tile buffers) when choosing the "
+                                                    "tile; default: 80% of free GPU memory or 1/4 of free "
+                                                    "RAM.")] = None,
     workers: Annotated[int | None, typer.Option(help="Run the blocks on a local dask cluster of N worker "
                                                      "processes (Zarr output).")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Address of a dask.distributed scheduler to run the blocks "
@@ -458,6 +460,7 @@ def predict(
         "input": f"{summary.input} {summary.input_shape}",
         "tile / halo": f"{'x'.join(map(str, summary.tile_shape))} / {'x'.join(map(str, summary.halo))}",
         "blocks": f"{summary.n_blocks} ({'x'.join(map(str, summary.grid))}), overhead {summary.overhead:.2f}x",
+        **({"tile chosen by": summary.plan} if summary.plan else {}),
         "device": f"{summary.device}, batch {summary.batch_size}"
         + (f", {summary.workers} workers" if summary.workers else "")
         + (f", scheduler {summary.scheduler}" if summary.scheduler else ""),

@@ -68,12 +68,15 @@ def _code(source: str) -> str | None:
 
 
 def _is_our_unet(files: PackageFiles, file_name: str) -> bool:
-    """The package's architecture file is tilenorm-bmz's own UNet (as exported; comments may differ)."""
+    """The package's architecture file is tilenorm-bmz's own UNet (comments may differ): the current
+    ``unet.py`` or an earlier release of it that computes the same (``models/released/``)."""
     from ..models import unet
 
-    ours = _code(Path(unet.__file__).read_text(encoding="utf-8"))
-    return ours is not None and _code(files.file(file_name, "the architecture source").read_text(
-        encoding="utf-8")) == ours
+    here = Path(unet.__file__).parent
+    releases = [here / "unet.py", *sorted((here / "released").glob("unet-*.py.txt"))]
+    ours = {_code(p.read_text(encoding="utf-8")) for p in releases} - {None}
+    theirs = _code(files.file(file_name, "the architecture source").read_text(encoding="utf-8"))
+    return theirs is not None and theirs in ours
 
 
 def _architecture_file(arch: Any) -> tuple[str, str] | None:

@@ -7,14 +7,23 @@
 * :func:`receptive_field`: theoretical (analytic + numerical) and effective receptive field, tile coupling
   by normalization, and the recommended halo.
 * :func:`predict_dask`: the same blocks as dask.distributed tasks writing to Zarr.
+* :func:`plan_tile`: the cheapest tiling whose measured forward memory and buffers fit a budget.
 * :func:`predict_file`: files in, files out (what ``tilenorm-bmz predict`` runs).
 """
 
 from ..introspect import infer_divisor, model_divisor, resolve_device
 from .blocks import AxisTiling, Block, Tiling, max_inner_size, min_tile_size
 from .distributed import local_client, predict_dask
-from .memory import auto_tile_shape, bytes_per_voxel, memory_budget
+from .memory import (
+    ForwardMemory,
+    auto_tile_shape,
+    bytes_per_voxel,
+    measure_forward_memory,
+    memory_budget,
+    plan_tile,
+)
 from .pipeline import PredictionSummary, predict_file
+from .plan import TilePlan, plan_tiles
 from .predictor import TiledPredictor, forward_whole
 from .receptive_field import (
     RFReport,
@@ -28,8 +37,10 @@ from .receptive_field import (
 __all__ = [
     "AxisTiling",
     "Block",
+    "ForwardMemory",
     "PredictionSummary",
     "RFReport",
+    "TilePlan",
     "TiledPredictor",
     "Tiling",
     "analytic_receptive_field",
@@ -39,9 +50,12 @@ __all__ = [
     "infer_divisor",
     "local_client",
     "max_inner_size",
+    "measure_forward_memory",
     "memory_budget",
     "min_tile_size",
     "model_divisor",
+    "plan_tile",
+    "plan_tiles",
     "predict_dask",
     "predict_file",
     "receptive_field",

@@ -2,11 +2,14 @@
 
 :func:`predict_file` opens the input lazily (TIFF, Zarr / OME-Zarr, .npy), fits the input normalization
 once on the whole image (quantiles from a seeded sample of blocks when the image is large), chooses the
-halo (receptive field) and the tile (device memory) when not given, and writes
+halo (receptive field) and the tile when not given (the cheapest tiling whose measured forward memory
+and pipeline buffers fit the budget, :mod:`tilenorm_bmz.tiling.memory`), and writes
 
-* a Zarr output **out of core**: block by block into a chunked array whose chunks are the blocks' inner
-  regions, so memory holds a few tiles whatever the image size; with ``workers``/``scheduler`` the same
-  blocks run as dask.distributed tasks (identical result);
+* a Zarr output **out of core**: block by block into a chunked array, so memory holds a few tiles whatever
+  the image size. The chunks are the blocks' inner regions when that costs no extra tiles; otherwise
+  blocks write parts of chunks, one after another from one writer thread. With ``workers``/``scheduler``
+  the blocks run as dask.distributed tasks (identical result) and always own whole chunks, chosen with
+  the plan, since concurrent writers must never share a chunk;
 * a TIFF or .npy output from an in-memory prediction.
 
 The output appears under its final name only when everything succeeded (temporary name + rename);
@@ -15,6 +18,7 @@ inputs are never modified.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -28,9 +32,9 @@ from ..atomic import publish, remove_stale, temp_sibling
 from ..config import InputNormalization, StrictModel
 from ..data.normalize import fit_normalization
 from ..introspect import ceil_to, model_divisor, resolve_device
-from .blocks import max_inner_size
 from .distributed import local_client, predict_dask
-from .memory import auto_tile_shape
+from .memory import plan_tile
+from .plan import chunk_for_tile
 from .predictor import TiledPredictor
 from .receptive_field import recommend_halo
 
@@ -58,6 +62,8 @@ class PredictionSummary(StrictModel):
     n_blocks: int
     overhead: float
     """Voxels processed / image voxels."""
+    plan: str | None = None
+    """How the tile was chosen (measured forward memory, budget), when it was not given."""
     output_chunks: tuple[int, ...] | None = None
     normalization: dict[str, Any] | None = None
     workers: int | None = None
@@ -198,8 +204,9 @@ def predict_file(
         raise ValueError(
             f"tile has {len(tile_shape)} axes {tuple(tile_shape)} but the image has {dims} spatial axes"
         )
+    plan_note = None
     if tile_shape is None:
-        tile_shape = auto_tile_shape(
+        plan, mem, budget = plan_tile(
             model,
             spatial,
             halo_t,
@@ -208,7 +215,10 @@ def predict_file(
             batch_size=batch_size,
             device=device,
             memory_budget_bytes=memory_budget,
+            chunked=distributed,  # concurrent writers need blocks of whole chunks
         )
+        tile_shape = plan.tile_shape
+        plan_note = f"{plan.describe()}; forward {mem.describe()}, budget {budget / 2**30:.2f} GiB"
     fitted = None
     if normalization is not None:
         settings = (
@@ -234,26 +244,22 @@ def predict_file(
     mode: Literal["in-memory", "out-of-core", "distributed"]
     if fmt == "zarr":
         mode = "distributed" if distributed else "out-of-core"
-        tiling0 = predictor.tiling(spatial)
-        inner = []
-        for a, (s, t, h, d) in enumerate(
-            zip(spatial, tiling0.effective_tile_shape, halo_t, div, strict=True)
-        ):
-            if tiling0.grid_shape[a] == 1:
-                inner.append(s)  # one tile along this axis owns all of it
-            else:
-                inner.append(max_inner_size(t, h, d))
-        if 0 in inner:
-            if distributed:
-                raise ValueError(
-                    f"tile {predictor.tile_shape} is too small for chunk-aligned blocks with halo {halo_t}: "
-                    f"use a tile of at least "
-                    f"{tuple(ceil_to(h + ceil_to(h, d) + d, d) for h, d in zip(halo_t, div, strict=True))}"
-                )
-            inner = [max(1, t - 2 * h) for t, h in zip(tiling0.effective_tile_shape, halo_t, strict=True)]
-            aligned = False
+        free = predictor.tiling(spatial)
+        whole_chunks = _aligned_chunks(spatial, free.effective_tile_shape, halo_t, div)
+        if whole_chunks is not None:
+            aligned = distributed or predictor.tiling(spatial, whole_chunks).overhead <= free.overhead
+        elif distributed:
+            raise ValueError(
+                f"tile {predictor.tile_shape} is too small for chunk-aligned blocks with halo {halo_t}: "
+                f"use a tile of at least "
+                f"{tuple(ceil_to(h + ceil_to(h, d) + d, d) for h, d in zip(halo_t, div, strict=True))}"
+            )
         else:
-            aligned = True
+            aligned = False
+        # one writer may write parts of chunks; the chunks are then the largest inner regions
+        inner = list(whole_chunks) if aligned and whole_chunks is not None else [
+            max(b - a for a, b in itertools.pairwise(ax.bounds)) for ax in free.axes
+        ]
         chunks_used = (out_shape[0], *inner)
         target = create_output(
             out_path,
@@ -272,7 +278,7 @@ def predict_file(
                 finally:
                     client.close()  # closes a local cluster; a remote scheduler keeps running
             else:
-                tiling = predictor.predict_to(image, target, chunks=inner if aligned else None)
+                tiling = predictor.predict_to(image, target, chunks=inner, aligned=aligned)
     else:
         mode = "in-memory"
         tiling = predictor.tiling(spatial)
@@ -295,14 +301,30 @@ def predict_file(
         grid=tiling.grid_shape,
         n_blocks=len(tiling),
         overhead=tiling.overhead,
+        plan=plan_note,
         output_chunks=chunks_used,
         normalization=fitted.to_dict() if fitted is not None else None,
         workers=workers,
         scheduler=scheduler,
         seconds=time.perf_counter() - t0,
     )
+    if plan_note is not None:
+        logger.info("tiling plan: %s", plan_note)
     logger.info("predicted %s -> %s (%s, %s)", inp, out_path, mode, tiling.describe())
     return summary
+
+
+def _aligned_chunks(
+    spatial: tuple[int, ...], tile: tuple[int, ...], halo: tuple[int, ...], divisor: tuple[int, ...]
+) -> tuple[int, ...] | None:
+    """Per axis the output chunk with which ``tile`` needs the fewest tiles, or None when one axis has none."""
+    chunks = []
+    for s, t, h, d in zip(spatial, tile, halo, divisor, strict=True):
+        option = chunk_for_tile(s, t, h, d)
+        if option is None or option.chunk is None:
+            return None
+        chunks.append(option.chunk)
+    return tuple(chunks)
 
 
 def _connect(address: str | None) -> Any:

@@ -8,7 +8,8 @@ at every voxel, up to float rounding. Networks that normalize with tile statisti
 GroupNorm) do not stitch exactly whatever the halo.
 
 Work is pipelined: a reader thread reads (and preprocesses) the next batches of tiles while the network
-runs, and a writer thread stores finished blocks, both through bounded queues, so memory holds a few
+runs (on CUDA into pinned memory, copied to the device asynchronously), and a writer thread stores
+finished blocks, both through bounded queues, so memory holds a few
 batches of tiles, never the whole image (with :meth:`TiledPredictor.predict_to` and a Zarr output).
 """
 
@@ -259,12 +260,17 @@ class TiledPredictor:
         self.run_blocks(image, tiling, tiling, sink)
         return out
 
-    def predict_to(self, image: ArrayLike, output: Any, chunks: Sequence[int] | None = None) -> Tiling:
+    def predict_to(
+        self, image: ArrayLike, output: Any, chunks: Sequence[int] | None = None, *, aligned: bool = True
+    ) -> Tiling:
         """Predict ``image`` into ``output`` (shape ``(C_out, *spatial)``), block by block.
 
         ``output`` may be a NumPy array, a Zarr array or a :class:`~tilenorm_bmz.data.io.OutputArray`;
-        for chunked outputs each block writes whole chunks (its inner region is made of the output's
-        chunks, or of ``chunks`` when given), so memory stays bounded by a few tiles. Returns the tiling.
+        memory stays bounded by a few tiles. With ``aligned`` (default) each block of a chunked output writes
+        whole chunks (its inner region is made of the output's chunks, or of ``chunks`` when given);
+        ``aligned=False`` tiles as for an in-memory output and lets blocks write parts of chunks, which is
+        safe here because one writer thread writes the blocks one after another (not for concurrent
+        writers). Returns the tiling.
         """
         if self.blend != "none":
             raise ValueError("blend='gaussian' needs the whole output in memory: use predict()")
@@ -272,7 +278,9 @@ class TiledPredictor:
         expected = (self.out_channels, *spatial)
         if tuple(output.shape) != expected:
             raise ValueError(f"output has shape {tuple(output.shape)} but the prediction is {expected}")
-        tiling = self.tiling(spatial, chunks if chunks is not None else _output_chunks(output))
+        if aligned and chunks is None:
+            chunks = _output_chunks(output)
+        tiling = self.tiling(spatial, chunks if aligned else None)
         logger.info("tiled prediction: %s", tiling.describe())
 
         def sink(block: Block, y: np.ndarray) -> None:
@@ -314,11 +322,16 @@ class TiledPredictor:
         )
         reader = ThreadPoolExecutor(1, thread_name_prefix="tilenorm-read")
         writer = ThreadPoolExecutor(1, thread_name_prefix="tilenorm-write")
-        pending: deque[tuple[list[Block], Future[np.ndarray]]] = deque()
+        pending: deque[tuple[list[Block], Future[np.ndarray | torch.Tensor]]] = deque()
         written: deque[Future[None]] = deque()
 
-        def read(batch: list[Block]) -> np.ndarray:
-            return np.stack([self.read_tile(image, b) for b in batch])
+        pin = self.device.type == "cuda"
+
+        def read(batch: list[Block]) -> np.ndarray | torch.Tensor:
+            x = np.stack([self.read_tile(image, b) for b in batch])
+            # on CUDA the batch goes to page-locked memory here, in the reader thread, so the copy to the
+            # device is asynchronous and overlaps the previous forward
+            return torch.from_numpy(x).pin_memory() if pin else x
 
         def write(batch: list[Block], y: np.ndarray) -> None:
             for b, yb in zip(batch, y, strict=True):
@@ -349,10 +362,10 @@ class TiledPredictor:
             reader.shutdown(wait=True, cancel_futures=True)
             writer.shutdown(wait=True, cancel_futures=True)
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
-        """Network output for a batch of tiles; splits the batch on device out-of-memory."""
+    def _forward(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Network output for a batch of tiles (NumPy, or a pinned tensor); splits the batch on device OOM."""
         try:
-            t = torch.from_numpy(x).to(self.device, non_blocking=True)
+            t = (x if isinstance(x, torch.Tensor) else torch.from_numpy(x)).to(self.device, non_blocking=True)
             ctx = (
                 torch.autocast(self.device.type, dtype=self._autocast_dtype)
                 if self._autocast_dtype is not None

@@ -582,7 +582,7 @@ def receptive_field(
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=dtype))[None].to(dev)
         return _input_gradient(m, t, voxel)
 
-    def local_input() -> np.ndarray:  # positive for the edited copy: every unit stays active
+    def local_input(shape: tuple[int, ...]) -> np.ndarray:  # positive for the edited copy: units stay active
         if edited:
             return rng.uniform(0.5, 1.5, (channels, *shape))
         return rng.standard_normal((channels, *shape))
@@ -609,31 +609,35 @@ def receptive_field(
     # an edited copy of a known structure is a positive linear map up to the output activation: one pass
     # per phase suffices; other networks may pool or gate functionally, so samples are united
     n_passes = n_phase if edited and analytic is not None else max(n_samples, n_phase)
+
+    def numerical_trf(shape: tuple[int, ...]) -> tuple[list[int], list[int], bool]:
+        """Union of the gradient supports over all phases of the divisor (and samples) at ``shape``;
+        stops at the first pass whose support reaches the border (``truncated``)."""
+        c = centre_of(shape)
+        left, right = [0] * dims, [0] * dims
+        for i in range(n_passes):
+            phase = i % n_phase
+            voxel = tuple(ci + phase % d for ci, d in zip(c, div, strict=True))
+            g = run(local, local_input(shape), voxel, local_dtype)
+            for a, ((lo, hi), s) in enumerate(zip(_support(g), shape, strict=True)):
+                if lo < 0:
+                    continue
+                if lo <= 0 or hi >= s - 1:
+                    return left, right, True
+                left[a], right[a] = max(left[a], voxel[a] - lo), max(right[a], hi - voxel[a])
+        return left, right, False
+
     with torch.enable_grad():
+        # grow the input until every phase's support is interior (the package's size step may be a multiple
+        # of the network's own divisor: a phase other than 0 can reach farther than the centre's)
         while True:
-            c = centre_of(shape)
-            g = run(local, local_input(), c, local_dtype)
-            sup = _support(g)
-            touches = any(lo <= 0 or hi >= s - 1 for (lo, hi), s in zip(sup, shape, strict=True))
-            if not (touches and grow):
+            left, right, truncated = numerical_trf(shape)
+            if not (truncated and grow):
                 break
             nxt = tuple(min(ceil_to(2 * s, d), ceil_to(max_side, d)) for s, d in zip(shape, div, strict=True))
             if nxt == shape:
                 break
             shape = nxt
-        left = [0] * dims
-        right = [0] * dims
-        truncated = False
-        for i in range(n_passes):
-            phase = i % n_phase
-            voxel = tuple(ci + phase % d for ci, d in zip(c, div, strict=True))
-            if i > 0:
-                g = run(local, local_input(), voxel, local_dtype)
-            for a, ((lo, hi), s) in enumerate(zip(_support(g), shape, strict=True)):
-                if lo < 0:
-                    continue
-                truncated |= lo <= 0 or hi >= s - 1
-                left[a], right[a] = max(left[a], voxel[a] - lo), max(right[a], hi - voxel[a])
         numerical: tuple[tuple[int, ...], tuple[int, ...]] | None = (tuple(left), tuple(right))
         if truncated:
             numerical = None
