@@ -176,7 +176,7 @@ def bench_methods(args: argparse.Namespace, workdir: Path) -> str:
         print(line, file=sys.stderr)
     body = [
         f"Random 3D BatchRenorm U-Net (depth 2, features {args.features}, exported form: BatchNorm in eval), "
-        f"volume 1 channel globally normalized, halo {halo[0]} (the one-sided receptive field 23, rounded); "
+        f"volume 1 channel globally normalized, halo {halo[0]} (the one-sided receptive field, rounded); "
         f"TiledPredictor's tile chosen by `plan_tile` for a memory budget of {args.budget / 2**30:.2f} GiB "
         "(measured forward memory + pipeline buffers, the cheapest plan); MONAI `sliding_window_inference` with "
         f"roi {args.monai_roi}, overlap 0.25, constant blending; bioimage.io.core's blocked prediction of the exported "

@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tilenorm_bmz.cli import EXIT_OK, EXIT_REJECTED, app
+from tilenorm_bmz.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REJECTED, app
 
 runner = CliRunner()
 
@@ -58,10 +58,12 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_v04_package(folder: Path, norm: str, halo: int = 8, source: str = NETWORK_SOURCE) -> Path:
+def build_v04_package(folder: Path, norm: str, halo: int = 8, source: str = NETWORK_SOURCE,
+                      fixed: bool = False) -> Path:
     """Write a format-0.4 package of ``TinyFCN(norm=norm)`` (random weights, trained-like statistics).
 
-    ``source``: the architecture file's code (it must define ``TinyFCN``)."""
+    ``source``: the architecture file's code (it must define ``TinyFCN``). ``fixed``: explicit input and output
+    shapes (the test tensor's), the output with a halo, as many zoo packages of format 0.4 are."""
     from bioimageio.spec import ValidationContext, save_bioimageio_package
     from bioimageio.spec.model import v0_4
 
@@ -90,7 +92,7 @@ def build_v04_package(folder: Path, norm: str, halo: int = 8, source: str = NETW
     (folder / "README.md").write_text("# tiny FCN\n\nA third-party test network.\n")
 
     with ValidationContext(root=folder):  # relative paths, as in a developer's package folder
-        descr = _describe(v0_4, folder, norm, halo)
+        descr = _describe(v0_4, folder, norm, halo, fixed)
     out = folder.parent / f"{folder.name}.zip"
     save_bioimageio_package(descr, output_path=out)
     # bioimageio.spec 0.5.12 leaves a 0.4 architecture file ("file.py:Callable") out of the zip; the packages in
@@ -101,7 +103,7 @@ def build_v04_package(folder: Path, norm: str, halo: int = 8, source: str = NETW
     return out
 
 
-def _describe(v0_4, folder: Path, norm: str, halo: int):
+def _describe(v0_4, folder: Path, norm: str, halo: int, fixed: bool = False):
     return v0_4.ModelDescr(
         format_version="0.4.10",
         type="model",
@@ -116,13 +118,14 @@ def _describe(v0_4, folder: Path, norm: str, halo: int):
         test_outputs=["test_output.npy"],
         inputs=[v0_4.InputTensorDescr(
             name="raw", axes="bcyx", data_type="float32",
-            shape=v0_4.ParameterizedInputShape(min=[1, 1, 32, 32], step=[0, 0, 16, 16]),
+            shape=[1, 1, 96, 80] if fixed else v0_4.ParameterizedInputShape(min=[1, 1, 32, 32], step=[0, 0, 16, 16]),
             preprocessing=[v0_4.ScaleRangeDescr(kwargs=v0_4.ScaleRangeKwargs(
                 mode="per_sample", axes="yx", min_percentile=1.0, max_percentile=99.8))],
         )],
         outputs=[v0_4.OutputTensorDescr(
             name="prob", axes="bcyx", data_type="float32",
-            shape=v0_4.ImplicitOutputShape(reference_tensor="raw", scale=[1, 1, 1, 1], offset=[0, 0, 0, 0]),
+            shape=[1, 1, 96, 80] if fixed else v0_4.ImplicitOutputShape(reference_tensor="raw", scale=[1, 1, 1, 1],
+                                                                         offset=[0, 0, 0, 0]),
             halo=[0, 0, halo, halo],
         )],
         weights=v0_4.WeightsDescr(
@@ -189,6 +192,24 @@ def test_gate_rejects_an_instancenorm_0_4_package(tmp_path: Path, image: np.ndar
                                  "--device", "cpu"])
     assert result.exit_code == EXIT_REJECTED, result.output
     assert "tile" in result.output.lower() and "convert" in result.output
+
+
+def test_a_valid_0_4_package_with_a_fixed_output_and_a_halo_is_not_called_invalid(tmp_path: Path,
+                                                                                 image: np.ndarray) -> None:
+    # bioimageio.spec accepts it in its own format; only its conversion to 0.5 refuses a fixed size with a halo:
+    # the gate agrees with the reference validator and says why it gives no verdict
+    from bioimageio.spec import InvalidDescr, load_description
+
+    package = build_v04_package(tmp_path / "tiny_fixed", "batchnorm", fixed=True)
+    assert not isinstance(load_description(package, perform_io_checks=False, format_version="discover"),
+                          InvalidDescr)
+    data = tmp_path / "image.npy"
+    np.save(data, image)
+    result = runner.invoke(app, ["validate", str(package), "--data", str(data), "--out", str(tmp_path / "r"),
+                                 "--device", "cpu"])
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    assert "valid bioimage.io 0.4" in result.output and "cannot convert" in result.output
+    assert "invalid" not in result.output.replace("\n", " ").lower()
 
 
 def test_predict_and_convert_read_a_0_4_package(tmp_path: Path, bn_package: Path, image: np.ndarray) -> None:

@@ -233,7 +233,7 @@ def test_a_forward_of_the_chosen_tile_stays_within_the_budget(dims, image, budge
     assert "profiler" in method and out_channels == mem.out_channels == 2
     buffers = batch * pipeline_bytes_per_voxel(1, out_channels) * math.prod(plan.tile_shape)
     assert peak + buffers <= budget
-    assert peak + buffers > budget / 4  # the budget is used, not wasted on needless tiles
+    assert peak + buffers > budget / 8  # the budget is used, not wasted on needless tiles
     assert mem.bytes_per_voxel > 4 * 4  # at least the first feature maps
 
 

@@ -198,24 +198,42 @@ def _checkpoint_subject(path: Path, trust_code: bool) -> GateSubject:
 
 
 # -- packages --------------------------------------------------------------------------------------------
+def _descr_errors(descr: Any) -> str:
+    return "; ".join(
+        f"{'.'.join(map(str, e.loc))}: {e.msg}" for d in descr.validation_summary.details for e in d.errors
+    ) or "invalid description"
+
+
 def _load_descr(source: Path) -> tuple[Any, str | None]:
-    """(model description, None) or (None, why the description is invalid)."""
+    """(model description in format 0.5, None) or (None, why the description is invalid).
+
+    The format verdict is the reference validator's: the description is validated in its own format version
+    (``format_version="discover"``, what ``bioimageio.core``'s test does). A valid 0.4 description that
+    bioimageio.spec cannot convert to 0.5 (e.g. a fixed output shape with a halo) is valid: the gate then
+    gives no verdict on it (not applicable, with the converter's reason) instead of calling it invalid.
+    """
     from bioimageio.spec import InvalidDescr, load_description
     from bioimageio.spec.model import v0_4, v0_5
 
     try:
-        descr = load_description(source, perform_io_checks=False, format_version="latest")
+        descr = load_description(source, perform_io_checks=False, format_version="discover")
     except Exception as e:  # unreadable rdf or archive
         raise GateInputError(f"{source} is not a readable bioimage.io package: {e}") from e
     if isinstance(descr, InvalidDescr):
-        errors = "; ".join(
-            f"{'.'.join(map(str, e.loc))}: {e.msg}" for d in descr.validation_summary.details for e in d.errors
-        )
-        return None, errors or "invalid description"
+        return None, _descr_errors(descr)
     if not isinstance(descr, v0_4.ModelDescr | v0_5.ModelDescr):
         raise GateInputError(f"{source} describes a {descr.type!r}, not a model: the gate validates models",
                              not_applicable=True)
-    return descr, None
+    if isinstance(descr, v0_5.ModelDescr):
+        return descr, None
+    latest = load_description(source, perform_io_checks=False, format_version="latest")
+    if isinstance(latest, InvalidDescr):
+        raise GateInputError(
+            f"{source} is a valid bioimage.io {descr.format_version} model (bioimageio.spec validates it), but "
+            f"bioimageio.spec cannot convert it to format 0.5, which the gate reads: {_descr_errors(latest)[:600]}",
+            not_applicable=True,
+        )
+    return latest, None
 
 
 def _axis_type(axis: Any) -> str:

@@ -18,8 +18,11 @@ What ``tilenorm-bmz predict`` does without ``--tile``:
    working memory of the whole tiled prediction: the forward pass of a batch of tiles **plus the
    pipeline's buffers**, per tile voxel and float32: ``prefetch`` input batches read ahead, up to three
    transient copies of the tile being read (raw, float32, padded), and ``prefetch + 2`` output batches
-   (the writer queue and the chunk being encoded) - :func:`pipeline_bytes_per_voxel`. Not in the
-   budget: the input image and an in-memory output array (they are the data, not the work).
+   (the writer queue and the chunk being encoded) - :func:`pipeline_bytes_per_voxel` - and
+   ``RESERVE`` (10%) is kept free for what the allocator counts nowhere: the heap fragmentation of the
+   reader and writer threads' arenas and the output library's chunk buffers (without it an out-of-core
+   prediction of a 640^3 volume grew its resident memory by slightly more than the budget). Not in the budget: the input
+   image and an in-memory output array (they are the data, not the work).
 3. **Plan**: the tile per axis (a multiple of the divisor, at least ``2 * halo + divisor``, at most the
    padded image) that processes the fewest voxels while ``forward + buffers <= budget``
    (:func:`~tilenorm_bmz.tiling.plan.plan_tiles`); its overhead (voxels processed / image voxels) is
@@ -56,6 +59,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _DEFAULT_CPU_BUDGET = 4 * 2**30
+RESERVE = 0.1
+"""Fraction of the budget kept free (see the module docstring, 2.)."""
 _PROBES = {1: (4096, 8192), 2: (256, 384), 3: (64, 96)}
 
 
@@ -286,7 +291,8 @@ def plan_tile(
     mem = memory or measure_forward_memory(model, dims, in_channels=in_channels, divisor=div, device=device,
                                            budget=budget)
     buffers = batch_size * pipeline_bytes_per_voxel(in_channels, mem.out_channels, prefetch)
-    limit = budget / (batch_size * mem.bytes_per_voxel + buffers)
+    usable = (1 - RESERVE) * budget
+    limit = usable / (batch_size * mem.bytes_per_voxel + buffers)
     largest_probe = max((math.prod(s) for s, _ in mem.probes), default=0)
     for _ in range(8):
         plan = plan_tiles(image_shape, halo, div, limit, chunked=chunked)
@@ -297,9 +303,9 @@ def plan_tile(
         # below the probes the bytes per voxel can be higher (fixed workspaces): measure this tile
         peak, _, _ = peak_forward_bytes(model, (batch_size, in_channels, *plan.tile_shape), device)
         need = peak + buffers * voxels
-        if need <= budget:
+        if need <= usable:
             break
-        limit = voxels * 0.9 * budget / need
+        limit = voxels * 0.9 * usable / need
     if not plan.fits:
         logger.warning(
             "the smallest valid tile %s needs about %.2f GiB, more than the budget of %.2f GiB",

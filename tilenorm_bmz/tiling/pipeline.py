@@ -18,7 +18,6 @@ inputs are never modified.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
@@ -43,6 +42,8 @@ __all__ = ["PredictionSummary", "predict_file", "output_format"]
 logger = logging.getLogger(__name__)
 
 OutputFormat = Literal["zarr", "tiff", "npy"]
+_PARTIAL_CHUNK = {1: 4096, 2: 256, 3: 64}
+"""Output chunk side when blocks do not own whole chunks (the Zarr default of ``create_output``)."""
 
 
 class PredictionSummary(StrictModel):
@@ -256,10 +257,10 @@ def predict_file(
             )
         else:
             aligned = False
-        # one writer may write parts of chunks; the chunks are then the largest inner regions
-        inner = list(whole_chunks) if aligned and whole_chunks is not None else [
-            max(b - a for a, b in itertools.pairwise(ax.bounds)) for ax in free.axes
-        ]
+        if aligned and whole_chunks is not None:
+            inner = list(whole_chunks)
+        else:  # one writer writes parts of chunks (read-modify-write): small chunks keep that cheap
+            inner = [min(s, _PARTIAL_CHUNK[dims]) for s in spatial]
         chunks_used = (out_shape[0], *inner)
         target = create_output(
             out_path,
