@@ -67,7 +67,8 @@ class TilePlan:
     @property
     def overhead(self) -> float:
         """Voxels processed / image voxels (1.0 is one whole-image forward)."""
-        processed = math.prod(n * t for n, t in zip(self.grid, self.tile_shape, strict=True))
+        padded = (ceil_to(s, d) for s, d in zip(self.image_shape, self.divisor, strict=True))
+        processed = math.prod(n * min(t, p) for n, t, p in zip(self.grid, self.tile_shape, padded, strict=True))
         return processed / math.prod(self.image_shape)
 
     def describe(self) -> str:
@@ -118,8 +119,11 @@ def axis_options(size: int, halo: int, divisor: int, *, chunked: bool = False) -
     """Pareto-optimal ways to tile one axis, by increasing tile: each processes fewer voxels than every
     smaller tile (the first is the smallest valid tile, the last covers the padded axis in one tile)."""
     padded = ceil_to(size, divisor)
+    smallest = min_tile_size(halo, divisor)
+    if padded <= smallest:  # one tile; a Tiling shrinks it to the padded axis, but it is never below this
+        return [AxisOption(smallest, 1, size if chunked else None)]
     options: list[AxisOption] = []
-    t = min(min_tile_size(halo, divisor), padded)
+    t = smallest
     while True:
         if chunked:
             opt = chunk_for_tile(size, t, halo, divisor)
