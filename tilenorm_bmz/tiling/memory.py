@@ -185,7 +185,8 @@ def peak_forward_bytes(
     if measured is None:
         measured, method = _linux_peak_growth(run), "peak resident memory growth (VmHWM)"
     if measured is None:
-        run() if not out else None
+        if not out:  # neither measurement ran the forward: run it for the output channels
+            run()
         measured, method = 1024 * x[0, 0].numel(), "not measurable here: 1024 bytes per voxel assumed"
     return int(measured + x.nbytes), out[0], method
 
