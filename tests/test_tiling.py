@@ -229,7 +229,10 @@ def test_a_forward_of_the_chosen_tile_stays_within_the_budget(dims, image, budge
     plan, mem, used = plan_tile(model, image, (HALO,) * dims, device="cpu", memory_budget_bytes=budget,
                                 batch_size=batch)
     assert used == budget and plan.fits and all(t % 4 == 0 for t in plan.tile_shape)
-    peak, out_channels, method = peak_forward_bytes(model, (batch, 1, *plan.tile_shape), "cpu")
+    # the network as the predictor runs it (prepared for inference at its first forward pass)
+    predictor = TiledPredictor(model, plan.tile_shape, HALO, batch_size=batch, device="cpu")
+    predictor.predict(np.zeros((1, *(2 * t for t in plan.tile_shape[:-1]), plan.tile_shape[-1]), np.float32))
+    peak, out_channels, method = peak_forward_bytes(predictor.prepared.module, (batch, 1, *plan.tile_shape), "cpu")
     assert "profiler" in method and out_channels == mem.out_channels == 2
     buffers = batch * pipeline_bytes_per_voxel(1, out_channels) * math.prod(plan.tile_shape)
     assert peak + buffers <= budget

@@ -72,6 +72,13 @@ def make_norm(spec: Mapping[str, Any], channels: int, dims: int) -> nn.Module:
     return nn.Identity()
 
 
+def _fx_tracing() -> bool:
+    """True while ``torch.fx`` traces the network (tilenorm-bmz's inference rewrites)."""
+    from torch.fx import _symbolic_trace as fx
+
+    return bool(getattr(fx, "is_fx_symbolic_tracing", getattr(fx, "is_fx_tracing", lambda: False))())
+
+
 class _ConvBlock(nn.Sequential):
     def __init__(self, dims: int, cin: int, cout: int, norm: Mapping[str, Any]) -> None:
         conv = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
@@ -247,7 +254,8 @@ class UNet(nn.Module):
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            self.check_input_shape(x.shape)
+            if not _fx_tracing():  # symbolic shapes cannot be checked
+                self.check_input_shape(x.shape)
         skips: list[Tensor] = []
         for enc, pool in zip(self.encoders, self.pools):  # noqa: B905 - TorchScript has no strict=
             x = enc(x)

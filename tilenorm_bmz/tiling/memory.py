@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..introspect import ceil_to, model_divisor, resolve_device
+from .inference import prepare_for_inference
 from .plan import TilePlan, plan_tiles
 
 __all__ = [
@@ -279,14 +280,18 @@ def plan_tile(
     prefetch: int = 2,
     chunked: bool = False,
     memory: ForwardMemory | None = None,
+    optimize: bool = True,
 ) -> tuple[TilePlan, ForwardMemory, int]:
     """The cheapest tiling whose forward pass and pipeline buffers fit the budget.
 
     Returns ``(plan, measured forward memory, budget in bytes)``. ``chunked``: inner regions made of whole
-    output chunks (concurrent Zarr writers).
+    output chunks (concurrent Zarr writers). ``optimize``: measure the network in the form
+    :class:`~tilenorm_bmz.tiling.TiledPredictor` runs it by default (:mod:`.inference`).
     """
     dims = len(image_shape)
     div = model_divisor(model, dims, divisor)
+    if optimize and memory is None:
+        model = prepare_for_inference(model, dims, in_channels, div, resolve_device(device)).module
     budget = memory_budget_bytes if memory_budget_bytes is not None else memory_budget(device)
     measured = memory is None
     mem = memory or measure_forward_memory(model, dims, in_channels=in_channels, divisor=div, device=device,

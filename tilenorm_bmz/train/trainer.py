@@ -400,8 +400,9 @@ class Trainer:
             else:
                 image, pre = item.normalized(), None
                 normalized.append(image)
+            # the network as it is (weights keep their layout): training goes on, resuming must be exact
             predictor = TiledPredictor(self.model, tile, self.halo, batch_size=cfg.val_batch_size,
-                                       device=self.device, preprocess=pre)
+                                       device=self.device, preprocess=pre, optimize=False)
             pred = predictor.predict(image)
             d = dice(pred, item.targets, cfg.threshold, channel_axis=0)
             for c, v in zip(channels, np.atleast_1d(d), strict=True):
