@@ -6,7 +6,8 @@ The checks follow what the consumers really do (see ../shared/reference/bioimage
   input and one output, a channel axis on the output, 2 or 3 spatial axes, axis ids among batch, channel,
   time, z, y, x, TorchScript or PyTorch state-dict weights, and an rdf that spec 0.5.9 reads (format <= 0.5.10
   with plain documentation/cover paths). Per-image ``scale_range`` is computed per tile in ilastik (warning).
-* **deepImageJ** (JDLL): one input, TorchScript or single-file ONNX weights, ``min`` a multiple of ``step``
+* **deepImageJ** (JDLL): one input, TorchScript or single-file ONNX weights, a TorchScript file whose
+  operators all exist in libtorch 2.0.1 (JDLL's newest; :mod:`.libtorch`), ``min`` a multiple of ``step``
   on every parameterized axis, the input sample tensor equal to the input test tensor (its CI runs the
   sample and compares with the test output), tiling allowed (no ``config.deepimagej`` or
   ``allow_tiling: true``), no format 0.5.11+ objects. Its percentiles are nearest-rank (warning).
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import IntegrityError
 from .archive import PackageFiles, open_package
+from .libtorch import LIBTORCH_REFERENCE, missing_operators, torchscript_operators
 from .package_io import PackageError
 
 __all__ = ["CompatCheck", "CompatibilityReport", "check_compatibility"]
@@ -177,6 +179,13 @@ def _deepimagej(rdf: Mapping[str, Any], fv: str, files: PackageFiles) -> list[Co
     add("torchscript or single-file ONNX weights", "torchscript" in weights or single_onnx,
         f"weights: {sorted(weights)}" + (" (ONNX with external data)" if onnx and not single_onnx else ""),
         "add torchscript weights, or ONNX in one file (tilenorm-bmz package --onnx)")
+    ts = weights.get("torchscript")
+    if isinstance(ts, Mapping) and isinstance(ts.get("source"), str):
+        ok, detail = _torchscript_loads_in_libtorch_2_0(files, ts["source"])
+        add(f"TorchScript operators exist in libtorch {LIBTORCH_REFERENCE}", ok, detail,
+            "export the network traced and frozen (torch.jit.freeze(torch.jit.trace(net, x)), checked at several "
+            "sizes; tilenorm-bmz package does this when the scripted graph needs newer operators), or avoid "
+            "the operators named")
     bad_steps = []
     for t in inputs:
         for a in _axes(t):
@@ -214,6 +223,24 @@ def _deepimagej(rdf: Mapping[str, Any], fv: str, files: PackageFiles) -> list[Co
         "deepImageJ's scale_range uses nearest-rank percentiles, bioimage.io.core linear interpolation",
         "small differences are expected; --input-norm fixed makes them identical", warn=True)
     return out
+
+
+def _torchscript_loads_in_libtorch_2_0(files: PackageFiles, source: str) -> tuple[bool, str]:
+    """Whether every operator of the package's TorchScript file exists in libtorch 2.0.1 (:mod:`.libtorch`)."""
+    import torch
+
+    if "://" in source:
+        return False, f"TorchScript weights at {source}: not in the package, not checked"
+    try:
+        path = files.file(source, "TorchScript weights")
+        module = torch.jit.load(str(path), map_location="cpu")
+    except (IntegrityError, RuntimeError, OSError) as e:
+        return False, f"the TorchScript file does not load here: {str(e).splitlines()[0][:200]}"
+    missing = missing_operators(module)
+    if missing:
+        return False, (f"{len(missing)} operator(s) libtorch {LIBTORCH_REFERENCE} lacks (deepImageJ: 'Unknown "
+                       f"builtin op'): {', '.join(missing[:5])}")
+    return True, f"all {len(torchscript_operators(module))} operators exist in libtorch {LIBTORCH_REFERENCE}"
 
 
 def _environment() -> list[CompatCheck]:

@@ -382,6 +382,19 @@ def _bioimageio_check(test: PackageTestSummary | None, subject: GateSubject, con
     )
 
 
+def _libtorch_check(source: Path) -> Check | None:
+    """deepImageJ (libtorch 2.0) can load the package's TorchScript file (informational; :mod:`.libtorch`)."""
+    from .compat import check_compatibility
+
+    found = [c for c in check_compatibility(source).checks if c.consumer == "deepimagej" and "libtorch" in c.name]
+    if not found:
+        return None  # no TorchScript weights
+    c = found[0]
+    return Check(name="deepImageJ loads the TorchScript", measured=c.status, threshold=c.name.replace(
+        "TorchScript operators exist in ", "operators of "), passed=c.status == "pass", advice=c.fix,
+        details=c.detail, informational=True)
+
+
 def seam_cause(network: Any, rf: Any, halo: Sequence[int]) -> str:
     """What the measurements say makes tiles disagree: the layers that couple the tile (by name), a halo below the
     measured receptive field, or, when neither, what else to inspect (padding, global operations)."""
@@ -802,6 +815,10 @@ def validate_package(
         dice_check = _dice_check(per_image, cfg)
         if dice_check is not None:
             checks.append(dice_check)
+    if subject.is_package:
+        libtorch_check = timer("deepImageJ operators", _libtorch_check, subject.source)
+        if libtorch_check is not None:
+            checks.append(libtorch_check)
 
     missing = _missing_decisive(subject, cfg, checks_on, mm_worst, disp_worst, has_train_mode, not_run, halo, images)
     if missing is not None:

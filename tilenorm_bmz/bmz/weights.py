@@ -223,13 +223,37 @@ def _probe_inputs(in_channels: int, sizes: Sequence[Sequence[int]]) -> list[torc
     return [torch.rand((b, in_channels, *s), generator=gen) for s in sizes for b in (1, 2)]
 
 
+def _check_against_eager(module: torch.jit.ScriptModule, model: nn.Module, in_channels: int,
+                         sizes: Sequence[Sequence[int]], what: str) -> float:
+    """Largest deviation of ``module`` from ``model`` over ``sizes`` x batch 1, 2; raises when they differ."""
+    deviation = 0.0
+    with torch.no_grad():
+        for x in _probe_inputs(in_channels, sizes):
+            expected = model(x)
+            got = module(x)
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
+                raise RuntimeError(
+                    f"the {what} differs from the network for input {tuple(x.shape)}: "
+                    f"shape {tuple(got.shape)} vs {tuple(expected.shape)}, max |diff| "
+                    f"{(got - expected).abs().max().item() if got.shape == expected.shape else float('nan'):.3g}"
+                )
+            deviation = max(deviation, (got - expected).abs().max().item())
+    return deviation
+
+
 def write_torchscript(
     model: nn.Module, path: Path, in_channels: int, sizes: Sequence[Sequence[int]]
 ) -> tuple[Path, float]:
-    """Script ``model`` (not trace: tracing freezes shapes) and check it against eager at ``sizes``.
+    """Script ``model`` and check it against eager at ``sizes`` (each with batch 1 and 2).
 
-    Every size is run with batch 1 and 2. Returns the path and the largest deviation from eager.
+    Scripting keeps every size working (tracing records one). When the scripted graph calls operators that
+    libtorch 2.0.1 lacks (deepImageJ could not load it, :mod:`.libtorch`), the network is traced and frozen
+    instead, and the traced file is used only if it needs no missing operator and equals eager at every size;
+    otherwise the scripted file is written (with a warning; the compatibility report fails it for deepImageJ).
+    Returns the path and the largest deviation from eager.
     """
+    from .libtorch import LIBTORCH_REFERENCE, missing_operators
+
     try:
         scripted = torch.jit.script(model)
     except Exception as e:  # torch raises many types here; the message is what matters
@@ -238,21 +262,27 @@ def write_torchscript(
             "from the weight formats (deepImageJ and ilastik then cannot run the package) or make the "
             "network scriptable"
         ) from e
-    scripted.save(str(path))
+    missing = missing_operators(scripted)
+    module: torch.jit.ScriptModule = scripted
+    if missing:
+        try:
+            example = _probe_inputs(in_channels, sizes[:1])[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings of shape checks: every size is compared below
+                traced = torch.jit.freeze(torch.jit.trace(model.eval(), example))
+            still = missing_operators(traced)
+            if still:
+                raise RuntimeError(f"the traced graph needs {', '.join(still)} too")
+            _check_against_eager(traced, model, in_channels, sizes, "traced TorchScript export")
+            module = traced
+            logger.info("TorchScript traced and frozen: the scripted graph calls %s, which libtorch %s "
+                        "(deepImageJ) lacks", ", ".join(missing), LIBTORCH_REFERENCE)
+        except Exception as e:  # the scripted export stays; the compatibility report names the operators
+            logger.warning("the TorchScript export calls %s, which libtorch %s (deepImageJ) lacks, and tracing "
+                           "gives no replacement (%s)", ", ".join(missing), LIBTORCH_REFERENCE, e)
+    module.save(str(path))
     loaded = torch.jit.load(str(path), map_location="cpu")
-    deviation = 0.0
-    with torch.no_grad():
-        for x in _probe_inputs(in_channels, sizes):
-            expected = model(x)
-            got = loaded(x)
-            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-5, atol=1e-6):
-                raise RuntimeError(
-                    f"the TorchScript export differs from the network for input {tuple(x.shape)}: "
-                    f"shape {tuple(got.shape)} vs {tuple(expected.shape)}, max |diff| "
-                    f"{(got - expected).abs().max().item() if got.shape == expected.shape else float('nan'):.3g}"
-                )
-            deviation = max(deviation, (got - expected).abs().max().item())
-    return path, deviation
+    return path, _check_against_eager(loaded, model, in_channels, sizes, "TorchScript export")
 
 
 def write_onnx(
