@@ -22,15 +22,16 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/tilenorm-bmz demo
 
-# default suite (not slow, not gpu); pytest exit code 5 (no tests collected) counts as success
+# default suite (not slow, not gpu), on 2 worker processes (pytest-xdist; each test runs torch single-threaded,
+# tests/conftest.py); pytest exit code 5 (no tests collected) counts as success
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) -m pytest -q -p no:cacheprovider -n 2; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
 # the slow tests: the model_zoo packages pass the gate and the bioimage.io tests, the demo runs, packages are
 # read by ilastik's bioimage.io stack (core 0.10.2 / spec 0.5.9.1, installed side by side), ONNX export, dask
 test-slow: setup
 	bash scripts/legacy_env.sh $(LEGACY_VENV)
-	TILENORM_LEGACY_VENV=$(LEGACY_VENV) $(PY) -m pytest -q -p no:cacheprovider -m "slow and not gpu"
+	TILENORM_LEGACY_VENV=$(LEGACY_VENV) $(PY) -m pytest -q -p no:cacheprovider -n 2 -m "slow and not gpu"
 
 test-all: setup
 	$(PY) -m pytest -q -m "not gpu"

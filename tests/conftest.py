@@ -21,6 +21,12 @@ os.environ["COLUMNS"] = "160"
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The longest tests first (``heavy``): pytest-xdist hands tests out in collection order, so a long test
+    collected last would run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -18,8 +18,9 @@ magnitude or the rewrite fails):
 
 Measured on the 3D BatchRenorm U-Net of ``benchmarks/bench_tiling.py`` (features 16, depth 2, 128^3, CPU,
 2 cores), forward peak and time per voxel: as given 340 bytes, 3.1 us; channels-last 276 bytes, 1.7 us;
-both rewrites 212 bytes, 1.7 us; outputs equal to 1.2e-7. The memory plan (:mod:`.memory`) measures the
-prepared network, so the tiles are larger by as much.
+both rewrites 196-212 bytes, 1.7 us; outputs equal to 1.2e-7. With 32 features (128^3) the time gain was
+within run-to-run spread (8.6-10.5 s prepared vs 10.5-12.3 s as given). The memory plan (:mod:`.memory`)
+measures the prepared network, so the tiles are larger by as much as the memory drops.
 """
 
 from __future__ import annotations
