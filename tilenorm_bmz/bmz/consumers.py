@@ -19,7 +19,8 @@ the seam the tiling adds, not a difference between consumers.
     reduced until the block fits the image (a larger block raises), and the sample is wrapped in a
     :class:`~bioimageio.core.Sample` with explicit axes (no axis-permutation guessing). Reference: the same
     preprocessing on the whole sample, then ``predict_sample_without_blocking`` (symmetric halo padding).
-``ilastik`` (Neural Network workflow -> tiktorch -> bioimageio.core)
+``ilastik`` (Neural Network workflow -> tiktorch -> bioimageio.core), pinned to the release it models:
+    ilastik 1.4.2 with tiktorch 26.5 and bioimageio.core 0.10.2 (``ILASTIK_RELEASE``, named in the reports).
     Weights: TorchScript first, then the state dict. Tile: the smallest ``n`` such that some spatial axis of
     ``min + n * step`` reaches 512 (2D) / 64 (3D) (``InputAxisUtils.get_best_tile_shape``); blocks of
     ``tile - 2 * halo`` on a grid from the image origin, clipped to the image; each block's region plus the
@@ -56,6 +57,7 @@ from .subject import GateSubject, reorder_back
 __all__ = [
     "CONSUMER_LABELS",
     "ILASTIK_MIN_SIZE",
+    "ILASTIK_RELEASE",
     "ConsumerSeams",
     "emulate_bioimageio_core",
     "emulate_ilastik",
@@ -70,11 +72,13 @@ logger = logging.getLogger(__name__)
 
 #: ilastik's tile target per dimensionality (``InputAxisUtils.MIN_SIZE_2D`` / ``MIN_SIZE_3D``).
 ILASTIK_MIN_SIZE = {2: 512, 3: 64}
+#: The ilastik release the emulation follows (its tiktorch and bioimageio.core).
+ILASTIK_RELEASE = "ilastik 1.4.2 (tiktorch 26.5, bioimageio.core 0.10.2)"
 #: How each consumer is named in reports (the ``seams`` keys).
 CONSUMER_LABELS: dict[str, str] = {
     "tilenorm-bmz": "tilenorm-bmz TiledPredictor",
     "bioimageio.core": "bioimageio.core blocked prediction",
-    "ilastik": "ilastik (tiktorch)",
+    "ilastik": f"{ILASTIK_RELEASE}, emulated",
 }
 
 
