@@ -28,10 +28,10 @@ from pydantic import BaseModel, ConfigDict
 
 from ..errors import IntegrityError
 from .archive import PackageFiles, open_package
-from .libtorch import LIBTORCH_REFERENCE, missing_operators, torchscript_operators
+from .libtorch import LIBTORCH_REFERENCE, known_operators, torchscript_operators
 from .package_io import PackageError
 
-__all__ = ["CompatCheck", "CompatibilityReport", "check_compatibility"]
+__all__ = ["CompatCheck", "CompatibilityReport", "check_compatibility", "check_torchscript_operators"]
 
 Consumer = Literal["ilastik", "deepimagej", "environment"]
 _ILASTIK_AXES = {"batch", "channel", "time", "z", "y", "x"}
@@ -179,13 +179,9 @@ def _deepimagej(rdf: Mapping[str, Any], fv: str, files: PackageFiles) -> list[Co
     add("torchscript or single-file ONNX weights", "torchscript" in weights or single_onnx,
         f"weights: {sorted(weights)}" + (" (ONNX with external data)" if onnx and not single_onnx else ""),
         "add torchscript weights, or ONNX in one file (tilenorm-bmz package --onnx)")
-    ts = weights.get("torchscript")
-    if isinstance(ts, Mapping) and isinstance(ts.get("source"), str):
-        ok, detail = _torchscript_loads_in_libtorch_2_0(files, ts["source"])
-        add(f"TorchScript operators exist in libtorch {LIBTORCH_REFERENCE}", ok, detail,
-            "export the network traced and frozen (torch.jit.freeze(torch.jit.trace(net, x)), checked at several "
-            "sizes; tilenorm-bmz package does this when the scripted graph needs newer operators), or avoid "
-            "the operators named")
+    operators = _libtorch_operators(rdf, files)
+    if operators is not None:
+        out.append(operators)
     bad_steps = []
     for t in inputs:
         for a in _axes(t):
@@ -225,22 +221,43 @@ def _deepimagej(rdf: Mapping[str, Any], fv: str, files: PackageFiles) -> list[Co
     return out
 
 
-def _torchscript_loads_in_libtorch_2_0(files: PackageFiles, source: str) -> tuple[bool, str]:
-    """Whether every operator of the package's TorchScript file exists in libtorch 2.0.1 (:mod:`.libtorch`)."""
+def _libtorch_operators(rdf: Mapping[str, Any], files: PackageFiles) -> CompatCheck | None:
+    """Whether every operator of the package's TorchScript file exists in libtorch 2.0.1 (:mod:`.libtorch`);
+    None without TorchScript weights."""
     import torch
 
+    ts = (rdf.get("weights") or {}).get("torchscript")
+    if not (isinstance(ts, Mapping) and isinstance(ts.get("source"), str)):
+        return None
+    source = ts["source"]
+
+    def check(ok: bool, detail: str) -> CompatCheck:
+        return CompatCheck(
+            consumer="deepimagej", name=f"TorchScript operators exist in libtorch {LIBTORCH_REFERENCE}",
+            status="pass" if ok else "fail", detail=detail, fix="" if ok else (
+                "export the network traced and frozen (torch.jit.freeze(torch.jit.trace(net, x)), checked at "
+                "several sizes; tilenorm-bmz package does this when the scripted graph needs newer operators), "
+                "or avoid the operators named"),
+        )
+
     if "://" in source:
-        return False, f"TorchScript weights at {source}: not in the package, not checked"
+        return check(False, f"TorchScript weights at {source}: not in the package, not checked")
     try:
-        path = files.file(source, "TorchScript weights")
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(str(files.file(source, "TorchScript weights")), map_location="cpu")
     except (IntegrityError, RuntimeError, OSError) as e:
-        return False, f"the TorchScript file does not load here: {str(e).splitlines()[0][:200]}"
-    missing = missing_operators(module)
+        return check(False, f"the TorchScript file does not load here: {str(e).splitlines()[0][:200]}")
+    ops = torchscript_operators(module)
+    missing = sorted(ops - known_operators())
     if missing:
-        return False, (f"{len(missing)} operator(s) libtorch {LIBTORCH_REFERENCE} lacks (deepImageJ: 'Unknown "
-                       f"builtin op'): {', '.join(missing[:5])}")
-    return True, f"all {len(torchscript_operators(module))} operators exist in libtorch {LIBTORCH_REFERENCE}"
+        return check(False, f"{len(missing)} operator(s) libtorch {LIBTORCH_REFERENCE} lacks (deepImageJ: "
+                            f"'Unknown builtin op'): {', '.join(missing[:5])}")
+    return check(True, f"all {len(ops)} operators exist in libtorch {LIBTORCH_REFERENCE}")
+
+
+def check_torchscript_operators(source: str | os.PathLike[str]) -> CompatCheck | None:
+    """The deepImageJ operator check of a package alone (None: no TorchScript weights); see :mod:`.libtorch`."""
+    with open_package(source) as files:
+        return _libtorch_operators(files.rdf, files)
 
 
 def _environment() -> list[CompatCheck]:

@@ -384,15 +384,15 @@ def _bioimageio_check(test: PackageTestSummary | None, subject: GateSubject, con
 
 def _libtorch_check(source: Path) -> Check | None:
     """deepImageJ (libtorch 2.0) can load the package's TorchScript file (informational; :mod:`.libtorch`)."""
-    from .compat import check_compatibility
+    from .compat import check_torchscript_operators
+    from .libtorch import LIBTORCH_REFERENCE
 
-    found = [c for c in check_compatibility(source).checks if c.consumer == "deepimagej" and "libtorch" in c.name]
-    if not found:
+    c = check_torchscript_operators(source)
+    if c is None:
         return None  # no TorchScript weights
-    c = found[0]
-    return Check(name="deepImageJ loads the TorchScript", measured=c.status, threshold=c.name.replace(
-        "TorchScript operators exist in ", "operators of "), passed=c.status == "pass", advice=c.fix,
-        details=c.detail, informational=True)
+    return Check(name="deepImageJ loads the TorchScript", measured=c.status,
+                 threshold=f"operators of libtorch {LIBTORCH_REFERENCE}", passed=c.status == "pass", advice=c.fix,
+                 details=c.detail, informational=True)
 
 
 def seam_cause(network: Any, rf: Any, halo: Sequence[int]) -> str:

@@ -7,7 +7,7 @@ its operators exist in 2.0: a scripted ``F.interpolate``, for one, compiles ever
 export of the same network holds only the operator the traced mode calls.
 
 The reference is ``data/libtorch-2.0.1-schemas.txt.gz``: ``torch._C._jit_get_all_schemas()`` of torch 2.0.1
-(2.0.0 registers the same list), written once in a side environment by ``data/make_libtorch_schemas.py``
+(2.0.0 registers the same list), written once in a side environment by ``scripts/make_libtorch_schemas.py``
 (provenance in ``data/libtorch-2.0.1-schemas.PROVENANCE.md``). An operator is known when its
 ``name.overload`` is in that list; graph nodes without a registered schema (``prim::Constant``, ``prim::If``,
 ``prim::Loop``, ... which the interpreter itself runs) are not operators and are not checked.
@@ -88,5 +88,4 @@ def torchscript_operators(module: torch.jit.ScriptModule | str | os.PathLike[str
 
 def missing_operators(module: torch.jit.ScriptModule | str | os.PathLike[str]) -> list[str]:
     """Operators of a TorchScript module or file that libtorch 2.0.1 does not have (sorted; empty: it loads)."""
-    known = known_operators()
-    return sorted(op for op in torchscript_operators(module) if op not in known)
+    return sorted(torchscript_operators(module) - known_operators())

@@ -68,9 +68,10 @@ class Prepared:
 
 
 def _conv_weights(model: nn.Module, dims: int) -> list[torch.Tensor]:
-    """Parameters shaped like convolution kernels whose layouts differ (more than one input channel and
-    kernel element; for the others both layouts have the same strides)."""
-    return [p for p in model.parameters() if p.dim() == dims + 2 and p.shape[1] > 1 and p.shape[2:].numel() > 1]
+    """Parameters and buffers (the split weight slices) shaped like convolution kernels whose layouts differ
+    (more than one input channel and kernel element; for the others both layouts have the same strides)."""
+    return [p for p in (*model.parameters(), *model.buffers())
+            if p.dim() == dims + 2 and p.shape[1] > 1 and p.shape[2:].numel() > 1]
 
 
 def layout_of(model: nn.Module, dims: int) -> str:
@@ -180,7 +181,7 @@ def prepare_for_inference(
             reference = model(x)
     except Exception as e:  # the probe does not fit this network: run it as it is
         return Prepared(model, layout_of(model, dims), 0, f"not prepared (probe {tuple(x.shape)}: {e})")
-    notes = []
+    note = ""
     module, split = model, 0
     if not isinstance(model, torch.jit.ScriptModule):
         try:
@@ -193,7 +194,7 @@ def prepare_for_inference(
             split = 0
             logger.debug("concatenations not split: %s", e)
     fmt = _FORMATS.get(dims)
-    layout = layout_of(model, dims)
+    layout = layout_of(module, dims)
     if device.type == "cpu" and fmt is not None and _conv_weights(module, dims) and layout != "channels-last":
         try:
             module.to(memory_format=fmt)
@@ -202,7 +203,7 @@ def prepare_for_inference(
             layout = "channels-last"
         except Exception as e:  # the layout is an optimization only: keep the weights as they were
             module.to(memory_format=torch.contiguous_format)
-            notes.append(f"weights kept contiguous ({e})")
-    prepared = Prepared(module, layout, split, "; ".join(notes))
+            note = f"weights kept contiguous ({e})"
+    prepared = Prepared(module, layout, split, note)
     logger.debug("network prepared for inference: %s", prepared.describe())
     return prepared
