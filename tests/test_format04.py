@@ -19,7 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tilenorm_bmz.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_REJECTED, app
+from tilenorm_bmz.cli import EXIT_OK, EXIT_REJECTED, app
 
 runner = CliRunner()
 
@@ -197,19 +197,26 @@ def test_gate_rejects_an_instancenorm_0_4_package(tmp_path: Path, image: np.ndar
 def test_a_valid_0_4_package_with_a_fixed_output_and_a_halo_is_not_called_invalid(tmp_path: Path,
                                                                                  image: np.ndarray) -> None:
     # bioimageio.spec accepts it in its own format; only its conversion to 0.5 refuses a fixed size with a halo:
-    # the gate agrees with the reference validator and says why it gives no verdict
+    # the gate agrees with the reference validator, reads the fixed output shape as the input's, and judges it
+    # with tiles of exactly the fixed size
     from bioimageio.spec import InvalidDescr, load_description
 
     package = build_v04_package(tmp_path / "tiny_fixed", "batchnorm", fixed=True)
     assert not isinstance(load_description(package, perform_io_checks=False, format_version="discover"),
                           InvalidDescr)
+    assert isinstance(load_description(package, perform_io_checks=False, format_version="latest"), InvalidDescr)
     data = tmp_path / "image.npy"
     np.save(data, image)
     result = runner.invoke(app, ["validate", str(package), "--data", str(data), "--out", str(tmp_path / "r"),
                                  "--device", "cpu"])
-    assert result.exit_code == EXIT_BAD_INPUT, result.output
-    assert "valid bioimage.io 0.4" in result.output and "cannot convert" in result.output
+    assert result.exit_code == 0, result.output  # BatchNorm, halo 8 above its receptive field, fixed tiles
     assert "invalid" not in result.output.replace("\n", " ").lower()
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["bioimage.io test"]["status"] == "passed"
+    assert "tiles of 96 offset by" in checks["tile mismatch"]["details"] or "tiles of 80 offset by" in checks[
+        "tile mismatch"]["details"]
+    assert checks["tile mismatch"]["measured"] == 0.0
 
 
 def test_predict_and_convert_read_a_0_4_package(tmp_path: Path, bn_package: Path, image: np.ndarray) -> None:

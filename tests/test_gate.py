@@ -208,15 +208,25 @@ def test_torchscript_only_package(tmp_path: Path, brn_package: Path, image: np.n
 
 
 def test_package_without_pytorch_weights_exit_2_not_applicable(tmp_path: Path, brn_package: Path) -> None:
-    onnx_only = with_weights(brn_package, {"onnx": {"source": "weights.onnx", "opset_version": 17}},
-                             tmp_path / "onnx_only.zip", {"weights.onnx": b"not used"})
-    result = CliRunner().invoke(app, ["validate", str(onnx_only), "--out", str(tmp_path / "out"),
+    keras_only = with_weights(brn_package, {"keras_hdf5": {"source": "weights.h5", "tensorflow_version": "2.15"}},
+                              tmp_path / "keras_only.zip", {"weights.h5": b"not used"})
+    result = CliRunner().invoke(app, ["validate", str(keras_only), "--out", str(tmp_path / "out"),
                                       "--report-format", "collection"])
-    assert result.exit_code == 2
-    assert "no PyTorch weights" in result.output and "onnx" in result.output
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "no PyTorch or ONNX weights" in text and "keras_hdf5" in text
     (collection,) = (tmp_path / "out").glob("tilenorm-bmz_*.json")
     content = json.loads(collection.read_text())
-    assert content["status"] == "not-applicable" and "no PyTorch weights" in content["details"]
+    assert content["status"] == "not-applicable" and "no PyTorch or ONNX weights" in content["details"]
+
+
+def test_package_with_broken_onnx_weights_exit_2(tmp_path: Path, brn_package: Path) -> None:
+    onnx_only = with_weights(brn_package, {"onnx": {"source": "weights.onnx", "opset_version": 17}},
+                             tmp_path / "onnx_only.zip", {"weights.onnx": b"not an onnx graph"})
+    result = CliRunner().invoke(app, ["validate", str(onnx_only), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "onnx weights could not be loaded" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
 
 
 def test_wrong_channel_count_exit_2(tmp_path: Path, brn_package: Path, image: np.ndarray) -> None:

@@ -867,6 +867,9 @@ def validate(
                                                    f"(default {_default(GateConfig, 'max_seam')}).")] = None,
     min_dice: Annotated[float | None, typer.Option("--min-dice", help="Smallest Dice against the labels "
                                                    "(default: informational).")] = None,
+    output_kind: Annotated[str | None, typer.Option(
+        "--output-kind", help="auto, probability or regression: regression outputs (denoising, restoration) are "
+        "compared relative to their range, not binarized (default: auto).")] = None,
     skip: Annotated[list[GateCheckOption] | None, typer.Option(  # type: ignore[valid-type]
         "--skip", help="Check to skip (repeat for several).")] = None,
     gating_consumers: Annotated[str | None, typer.Option("--gating-consumers", help="Consumers whose seams decide, "
@@ -891,7 +894,7 @@ def validate(
     """Accept or reject a model for sharing: does it tile without seams, as every consumer runs it?
 
     Runs the bioimage.io test (offline), tile mismatch (two overlapping tiles, paper Fig. 3), train/eval
-    disparity, tiled vs whole image as tilenorm-bmz, bioimageio.core and ilastik predict it, halo sufficiency
+    disparity, tiled vs whole image as tilenorm-bmz, bioimageio.core, ilastik and deepImageJ predict it, halo sufficiency
     against the measured receptive field, and a tile-size sweep (Dice when labels are given). Every failed
     check says what was measured, the threshold, and what to do. The model is never modified.
     """
@@ -903,7 +906,7 @@ def validate(
     halo_t = parse_shape(halo_size, "--halo") if halo_size else None
     cfg = _gate_config(
         config, max_dist=max_dist, max_disparity=max_disparity, max_seam=max_seam, min_dice=min_dice,
-        gating_consumers=gating, device=device, batch_size=batch_size,
+        gating_consumers=gating, device=device, batch_size=batch_size, output_kind=output_kind,
         halo=None if halo_t is None else (halo_t[0] if len(halo_t) == 1 else list(halo_t)),
     )
     if skip:

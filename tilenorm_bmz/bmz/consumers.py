@@ -30,6 +30,13 @@ the seam the tiling adds, not a difference between consumers.
     percentiles); the block is cropped out of the tile output (lazyflow ``OpTikTorchClassifierPredict``).
     Reference: the preprocessing on the whole image, reflect padding by the halo, one forward pass.
 
+``deepImageJ`` (JDLL ``TileCalculator`` / ``TileMaker``)
+    The package's preprocessing on the whole image, then tiles of the image plus the halo on both sides rounded
+    down to a valid size (a fixed size as it is; at most ``DEEPIMAGEJ_MAX_PIXELS`` voxels), on a grid of
+    ``tile - 2 * halo`` from the image origin, mirror padding outside the image, the halo cropped. It runs the
+    gate's network (TorchScript where the package has it). Reference: mirror padding by the halo, one forward
+    pass. A parameterized package runs regions of the gate's size in one tile (not applicable: no seams there).
+
 Each emulation runs on the central region of the image that holds two of its tiles (blocks) per axis, so its
 cost does not grow with the image, and every seam position is still crossed on every axis; for a package the
 region is a size bioimageio.core accepts as a whole sample (``size + 2 * halo = min + n * step``) and at most
@@ -43,12 +50,12 @@ import io
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydantic import Field
 
-from ..config import GateConsumer
+from ..config import GateConfig, GateConsumer
 from ..introspect import ceil_to, resolve_device
 from ..metrics import MetricResult, TiledVsWholeResult, tiled_vs_whole
 from ..progress import track
@@ -59,7 +66,12 @@ __all__ = [
     "ILASTIK_MIN_SIZE",
     "ILASTIK_RELEASE",
     "ConsumerSeams",
+    "DEEPIMAGEJ_MAX_PIXELS",
+    "EMULATIONS",
+    "Emulation",
+    "deepimagej_tile_shape",
     "emulate_bioimageio_core",
+    "emulate_deepimagej",
     "emulate_ilastik",
     "emulate_tiled_predictor",
     "ilastik_tile_shape",
@@ -72,6 +84,8 @@ logger = logging.getLogger(__name__)
 
 #: ilastik's tile target per dimensionality (``InputAxisUtils.MIN_SIZE_2D`` / ``MIN_SIZE_3D``).
 ILASTIK_MIN_SIZE = {2: 512, 3: 64}
+#: deepImageJ's largest tile in voxels (JDLL ``TileFactory.OPTIMAL_MAX_NUMBER_PIXELS``).
+DEEPIMAGEJ_MAX_PIXELS = 4096 * 4096 * 3
 #: The ilastik release the emulation follows (its tiktorch and bioimageio.core).
 ILASTIK_RELEASE = "ilastik 1.4.2 (tiktorch 26.5, bioimageio.core 0.10.2)"
 #: How each consumer is named in reports (the ``seams`` keys).
@@ -79,6 +93,7 @@ CONSUMER_LABELS: dict[str, str] = {
     "tilenorm-bmz": "tilenorm-bmz TiledPredictor",
     "bioimageio.core": "bioimageio.core blocked prediction",
     "ilastik": f"{ILASTIK_RELEASE}, emulated",
+    "deepImageJ": "deepImageJ (JDLL tiling), emulated",
 }
 
 
@@ -112,7 +127,8 @@ class _WholeSizes:
     def __init__(self, subject: GateSubject) -> None:
         assert subject.size_min is not None and subject.size_step is not None and subject.declared_halo is not None
         self.low = [m - 2 * h for m, h in zip(subject.size_min, subject.declared_halo, strict=True)]
-        self.step = [max(1, s) for s in subject.size_step]
+        # a fixed size (step 0): the reference runs the network at other multiples of its divisor (free_sizes)
+        self.step = [s if s > 0 else max(1, d) for s, d in zip(subject.size_step, subject.divisor, strict=True)]
 
     def fits(self, spatial: Sequence[int]) -> bool:
         return all(lo >= 1 and s >= lo for s, lo in zip(spatial, self.low, strict=True))
@@ -165,8 +181,8 @@ def tiled_predictor_region(
 def ilastik_tile_shape(size_min: Sequence[int], size_step: Sequence[int], dims: int) -> tuple[int, ...]:
     """ilastik's tile: ``min + n * step`` with the smallest per-axis ``n`` that makes an axis reach 512 / 64."""
     target = ILASTIK_MIN_SIZE[dims]
-    factors = [max(0, math.ceil((target - m) / s)) if s else 0 for m, s in zip(size_min, size_step, strict=True)]
-    n = min(factors)
+    factors = [max(0, math.ceil((target - m) / s)) for m, s in zip(size_min, size_step, strict=True) if s]
+    n = min(factors, default=0)  # fixed sizes (step 0) stay as they are
     return tuple(m + n * s for m, s in zip(size_min, size_step, strict=True))
 
 
@@ -229,9 +245,24 @@ class _Pipeline:
         self.pp.__exit__(*exc)
 
 
+def _no_reference(subject: GateSubject) -> str | None:
+    """Why a tiled prediction of the subject has no whole-image prediction to be compared with (None: it has)."""
+    if subject.free_sizes:
+        return None
+    return (f"the network runs only at its fixed input size {_shape(subject.fixed_shape or ())}: there is no "
+            "whole-image prediction to compare the tiles with (tile mismatch compares overlapping tiles instead)")
+
+
 def _not_applicable(consumer: GateConsumer, reason: str) -> ConsumerSeams:
     logger.warning("%s emulation not run: %s", CONSUMER_LABELS[consumer], reason)
     return ConsumerSeams(consumer=consumer, applicable=False, reason=reason)
+
+
+def _weights(subject: GateSubject, preference: Sequence[str]) -> str:
+    """The weight format a consumer runs: the only one the trust policy allows, else its first preference."""
+    if subject.tested_format:
+        return subject.tested_format
+    return next((f for f in preference if f in subject.weight_formats), subject.weights_format)
 
 
 def _crop_halo(y: np.ndarray, halo: Sequence[int]) -> np.ndarray:
@@ -257,7 +288,10 @@ def emulate_tiled_predictor(
     tiles per axis (the subject's preprocessing applied to that whole region first)."""
     from ..tiling import TiledPredictor
 
-    tile = tuple(tile_shape) if tile_shape is not None else tiled_predictor_tile(halo, subject.divisor)
+    if (why := _no_reference(subject)) is not None:
+        return _not_applicable("tilenorm-bmz", why)
+    tile = tuple(tile_shape) if tile_shape is not None else (
+        subject.fixed_shape or tiled_predictor_tile(halo, subject.divisor))
     sizes = [min(s, 2 * t - 2 * h) for s, t, h in zip(raw.shape[1:], tile, halo, strict=True)]
     crop, region = _centre(raw, _cap(sizes, list(subject.divisor), list(subject.divisor), max_voxels))
     image = subject.preprocess(crop)
@@ -288,6 +322,15 @@ def emulate_bioimageio_core(
 
     if not subject.is_package:
         return _not_applicable("bioimageio.core", "a checkpoint, not a package: package it first")
+    if (why := _no_reference(subject)) is not None:
+        return _not_applicable("bioimageio.core", why)
+    fixed_out = [str(a.id) for a in subject.descr.outputs[0].axes
+                 if str(getattr(a, "type", "")) == "space" and isinstance(getattr(a, "size", None), int)]
+    if fixed_out:
+        return _not_applicable(
+            "bioimageio.core", f"the package declares fixed output sizes ({', '.join(fixed_out)}): bioimageio.core's "
+            "blocked prediction gives an output of that size, so it cannot predict an image larger than one tile "
+            "(declare the output sizes as references to the input's)")
     assert subject.size_min is not None and subject.size_step is not None and subject.declared_halo is not None
     sizes = _WholeSizes(subject)
     if not sizes.fits(raw.shape[1:]):
@@ -311,11 +354,13 @@ def emulate_bioimageio_core(
     inner = [b - 2 * h for b, h in zip(block, subject.declared_halo, strict=True)]
     # the smallest sample holding a block: ceil(block / inner) >= 2 blocks per axis (core shifts the last one to
     # the border), so every seam position is crossed on every axis
-    want = [min(sizes.smallest(a, b), r) for a, (b, r) in enumerate(zip(block, largest, strict=True))]
+    # (without a halo the inner block is the block: one voxel more makes the second block)
+    want = [min(sizes.smallest(a, max(b, i + 1)), r) for a, (b, i, r) in enumerate(zip(block, inner, largest,
+                                                                                      strict=True))]
     crop, region = _centre(raw, _cap(want, block, sizes.step, max_voxels))
     spatial = crop.shape[1:]
     descr = subject.descr
-    fmt = subject.tested_format or next(f for f in ("pytorch_state_dict", "torchscript") if f in subject.weight_formats)
+    fmt = _weights(subject, ("pytorch_state_dict", "torchscript", "onnx"))
     pad = getattr(descr.inputs[0], "pad", None)
     pad_mode = str(getattr(pad, "mode", None) or "symmetric")
     ns = {(descr.inputs[0].id, a.id): n for a in descr.inputs[0].axes if _is_parameterized(a)}
@@ -384,6 +429,8 @@ def emulate_ilastik(
 
     if not subject.is_package:
         return _not_applicable("ilastik", "a checkpoint, not a package: package it first")
+    if (why := _no_reference(subject)) is not None:
+        return _not_applicable("ilastik", why)
     assert subject.size_min is not None and subject.size_step is not None and subject.declared_halo is not None
     halo = subject.declared_halo
     tile = ilastik_tile_shape(subject.size_min, subject.size_step, subject.dims)
@@ -398,7 +445,7 @@ def emulate_ilastik(
     want = [sizes.largest(a, max(min(s, 2 * b), sizes.low[a])) for a, (s, b) in enumerate(zip(
         raw.shape[1:], block, strict=True))]
     crop, region = _centre(raw, _cap(want, sizes.low, sizes.step, max_voxels))
-    fmt = subject.tested_format or next(f for f in ("torchscript", "pytorch_state_dict") if f in subject.weight_formats)
+    fmt = _weights(subject, ("torchscript", "pytorch_state_dict", "onnx"))
     dev = str(resolve_device(device))
     spatial = crop.shape[1:]
     blocks = list(_ilastik_blocks(spatial, tile, halo))
@@ -439,6 +486,102 @@ def emulate_ilastik(
     )
 
 
+def deepimagej_tile_shape(spatial: Sequence[int], size_min: Sequence[int], size_step: Sequence[int],
+                          halo: Sequence[int], max_pixels: int | None = None) -> tuple[int, ...]:
+    """deepImageJ's tile (JDLL ``TileCalculator``): per axis the image plus the halo on both sides, rounded down to
+    a valid size ``min + n * step`` (a fixed size as it is), the largest axes reduced by a step until the tile
+    has at most ``max_pixels`` voxels (``DEEPIMAGEJ_MAX_PIXELS``)."""
+    limit = DEEPIMAGEJ_MAX_PIXELS if max_pixels is None else max_pixels
+    tile = [m if st == 0 else m + max(0, (s + 2 * h - m) // st) * st
+            for s, m, st, h in zip(spatial, size_min, size_step, halo, strict=True)]
+    return tuple(_cap(tile, list(size_min), [max(1, st) for st in size_step], limit))
+
+
+def emulate_deepimagej(
+    subject: GateSubject,
+    raw: np.ndarray,
+    *,
+    device: str = "auto",
+    max_voxels: int | None = None,
+    batch_size: int = 1,
+) -> ConsumerSeams:
+    """Seams of deepImageJ's tiled prediction (see the module docstring) on the central region of ``raw`` that
+    holds two of its tiles per axis (a parameterized package: at most ``max_voxels``, which deepImageJ runs in
+    one tile unless the size steps leave a remainder)."""
+    import torch
+
+    if not subject.is_package:
+        return _not_applicable("deepImageJ", "a checkpoint, not a package: package it first")
+    if (why := _no_reference(subject)) is not None:
+        return _not_applicable("deepImageJ", why)
+    if subject.weights_format == "pytorch_state_dict" and "torchscript" not in subject.weight_formats:
+        return _not_applicable("deepImageJ", "deepImageJ runs TorchScript (or ONNX/TensorFlow) weights; the package "
+                               "has a PyTorch state dict only (add TorchScript weights: `bioimageio add-weights`)")
+    assert subject.size_min is not None and subject.size_step is not None and subject.declared_halo is not None
+    halo, div = subject.declared_halo, subject.divisor
+    fixed = subject.fixed_shape
+    if fixed is not None:  # two tiles per axis
+        want = [min(s, 2 * (t - 2 * h)) for s, t, h in zip(raw.shape[1:], fixed, halo, strict=True)]
+    else:
+        want = list(raw.shape[1:])
+    # the reference runs the region plus the halo in one forward pass: a multiple of the divisor
+    want = [max(d - 2 * h, (w + 2 * h) // d * d - 2 * h) for w, h, d in zip(want, halo, div, strict=True)]
+    crop, region = _centre(raw, _cap(want, [max(1, d - 2 * h) for h, d in zip(halo, div, strict=True)],
+                                     list(div), max_voxels))
+    spatial = crop.shape[1:]
+    tile = deepimagej_tile_shape(spatial, subject.size_min, subject.size_step, halo)
+    inner = [t - 2 * h for t, h in zip(tile, halo, strict=True)]
+    if any(i < 1 for i in inner):
+        return _not_applicable("deepImageJ", f"its tile {_shape(tile)} leaves nothing inside the halo {_shape(halo)}")
+    grid = [math.ceil(s / i) for s, i in zip(spatial, inner, strict=True)]
+    dev = resolve_device(device)
+    net = subject.network
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            y = net(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(dev))
+        return y[0].float().cpu().numpy()
+
+    def mirror(image: np.ndarray, read: Sequence[tuple[int, int]]) -> np.ndarray:
+        """``image[read]`` with the part outside the image mirrored (``reflect``: the border voxel once)."""
+        inside = tuple(slice(max(0, a), min(b, s)) for (a, b), s in zip(read, image.shape[1:], strict=True))
+        pad = [(max(0, -a), max(0, b - s)) for (a, b), s in zip(read, image.shape[1:], strict=True)]
+        return np.pad(image[(slice(None), *inside)], ((0, 0), *pad), mode="reflect")
+
+    def tiled(image: np.ndarray) -> np.ndarray:  # preprocessing on the whole image, then tiles
+        import itertools
+
+        x = subject.preprocess(image)
+        result: np.ndarray | None = None
+        for index in itertools.product(*(range(g) for g in grid)):
+            starts = [k * i for k, i in zip(index, inner, strict=True)]
+            y = forward(mirror(x, [(o - h, o - h + t) for o, h, t in zip(starts, halo, tile, strict=True)]))
+            if result is None:
+                result = np.zeros((y.shape[0], *spatial), dtype=np.float32)
+            stops = [min(o + i, s) for o, i, s in zip(starts, inner, spatial, strict=True)]
+            result[(slice(None), *(slice(o, e) for o, e in zip(starts, stops, strict=True)))] = y[
+                (slice(None), *(slice(h, h + e - o) for h, o, e in zip(halo, starts, stops, strict=True)))]
+        assert result is not None
+        return result
+
+    def whole(image: np.ndarray) -> np.ndarray:
+        x = subject.preprocess(image)
+        return _crop_halo(forward(mirror(x, [(-h, s + h) for h, s in zip(halo, spatial, strict=True)])), halo)
+
+    if all(g == 1 for g in grid):
+        return _not_applicable(
+            "deepImageJ", f"deepImageJ runs this {_shape(spatial)} region in one tile of {_shape(tile)} (its tiles "
+            f"reach the image plus the halo, up to {DEEPIMAGEJ_MAX_PIXELS} voxels): it tiles only larger images")
+    result = tiled_vs_whole(tiled, whole, crop, device=str(dev))
+    return ConsumerSeams(
+        consumer="deepImageJ", applicable=True, result=result,
+        description=(f"tiles of {_shape(tile)} (inner {_shape(inner)}, {_shape(grid)} grid), mirror padding at the "
+                     f"image border, preprocessing on the whole image, {subject.weights_format} weights"),
+        settings={"tile_shape": list(tile), "halo": list(halo), "grid": grid, "pad_mode": "reflect",
+                  "weights": subject.weights_format, "region": region},
+    )
+
+
 def _per_sample_steps(descr: Any) -> list[str]:
     """Preprocessing operators whose statistics ilastik computes per tile (per-sample statistics)."""
     out = []
@@ -458,4 +601,27 @@ def _per_sample_steps(descr: Any) -> list[str]:
 def per_tile_statistics(subject: GateSubject) -> list[str]:
     """The package's preprocessing steps that depend on the image they are computed on (empty: none)."""
     return [] if subject.descr is None else _per_sample_steps(subject.descr)
+
+
+# -- the registry: every consumer the gate emulates, in one place -----------------------------------------
+class Emulation(Protocol):
+    """One consumer's emulation: the seams its tiling adds to ``raw`` ``(C, *spatial)`` (see the module
+    docstring); ``halo`` is the halo the gate tiles with (the package's declared one)."""
+
+    def __call__(self, subject: GateSubject, raw: np.ndarray, *, halo: Sequence[int], config: GateConfig,
+                 device: str, progress: bool) -> ConsumerSeams: ...
+
+
+#: The consumers the gate emulates, by name (``GateConsumer``), in report order. Adding a consumer: an
+#: emulation function in a module of its own, one entry here, and its name in ``GateConsumer``.
+EMULATIONS: dict[str, Emulation] = {
+    "tilenorm-bmz": lambda subject, raw, *, halo, config, device, progress: emulate_tiled_predictor(
+        subject, raw, halo=halo, batch_size=config.batch_size, device=device, max_voxels=config.region_voxels),
+    "bioimageio.core": lambda subject, raw, *, halo, config, device, progress: emulate_bioimageio_core(
+        subject, raw, blocksize=config.core_blocksize, device=device, max_voxels=config.region_voxels),
+    "ilastik": lambda subject, raw, *, halo, config, device, progress: emulate_ilastik(
+        subject, raw, device=device, max_voxels=config.region_voxels, progress=progress),
+    "deepImageJ": lambda subject, raw, *, halo, config, device, progress: emulate_deepimagej(
+        subject, raw, device=device, max_voxels=config.region_voxels),
+}
 

@@ -72,11 +72,9 @@ from ..report import (
 )
 from .consumers import (
     CONSUMER_LABELS,
+    EMULATIONS,
     ConsumerSeams,
     ceil_to,
-    emulate_bioimageio_core,
-    emulate_ilastik,
-    emulate_tiled_predictor,
     per_tile_statistics,
     tiled_predictor_region,
     tiled_predictor_tile,
@@ -403,6 +401,10 @@ def seam_cause(network: Any, rf: Any, halo: Sequence[int]) -> str:
     from ..tiling import tile_coupling_layers
 
     coupling = tile_coupling_layers(network)
+    if coupling and any("traced in train mode" in why for _, why in coupling):
+        names = "; ".join(f"{name}: {why}" for name, why in coupling[:4])
+        return (f"{names}. Export the TorchScript again from the network in eval mode (`model.eval()` before "
+                "`torch.jit.trace`; bioimageio.core 0.11's weight converter traces without it)")
     if coupling:
         names = "; ".join(f"{name}: {why}" for name, why in coupling[:4]) + (" ..." if len(coupling) > 4 else "")
         return (f"{len(coupling)} layer(s) couple the tile ({names}). Convert the network to BatchRenorm with "
@@ -426,16 +428,22 @@ def seam_cause(network: Any, rf: Any, halo: Sequence[int]) -> str:
             "(global pooling, attention, a data-dependent step) must couple it; inspect the network")
 
 
+def _seam_value(c: ConsumerSeams | None, relative: bool) -> float | None:
+    if c is None or c.result is None:
+        return None
+    return c.result.relative_max_diff if relative else c.result.max_abs_diff
+
+
 def _consumer_check(c: ConsumerSeams, config: GateConfig, ours: ConsumerSeams | None, subject: GateSubject,
-                    warnings: list[str], cause: str | None = None) -> Check:
+                    warnings: list[str], cause: str | None = None, relative: bool = False) -> Check:
     name = "tiled vs whole (tilenorm-bmz)" if c.consumer == "tilenorm-bmz" else f"seams in {c.consumer}"
     gating = c.consumer in config.gating_consumers
     if not c.applicable or c.result is None:
         return Check(name=name, measured=None, threshold=f"<= {config.max_seam:g}", passed=None, advice=c.reason)
-    check = check_tiled_vs_whole(c.result, config.max_seam, name=name, cause=cause)
+    check = check_tiled_vs_whole(c.result, config.max_seam, name=name, cause=cause, relative=relative)
     details = f"{c.description}; {check.details}"
     advice = check.advice
-    ours_ok = ours is not None and ours.applicable and (ours.max_abs_diff or 0.0) <= config.max_seam
+    ours_ok = ours is not None and ours.applicable and (_seam_value(ours, relative) or 0.0) <= config.max_seam
     if check.passed is False and c.consumer != "tilenorm-bmz" and ours_ok:
         cause = ""
         if c.consumer == "ilastik":
@@ -573,7 +581,7 @@ def _check_received(subject: GateSubject, cfg: GateConfig, name: str, raw: np.nd
 def _measure_image(
     subject: GateSubject, cfg: GateConfig, name: str, raw: np.ndarray, image: np.ndarray,
     target: tuple[str, np.ndarray] | None, halo: tuple[int, ...], timer: _Timer, warnings: list[str],
-    progress: bool, received: ReceivedInput,
+    progress: bool, received: ReceivedInput, output_kind: str = "probability",
 ) -> _ImageMeasurement:
     """Every per-image metric of the gate on one raw image ``(C, *spatial)`` and its preprocessed ``image``."""
     from ..introspect import resolve_device
@@ -586,41 +594,52 @@ def _measure_image(
             out.mismatch = timer(
                 "tile mismatch", tile_mismatch, net, image, halo=halo, crop_shape=cfg.crop_shape, stride=cfg.stride,
                 tile=cfg.tile, offset=cfg.offset, device=dev, batch_size=cfg.batch_size, threshold=cfg.threshold,
-                divisor=subject.divisor, max_crops=cfg.max_crops, progress=progress)
+                divisor=subject.divisor, max_crops=cfg.max_crops, progress=progress,
+                tile_shape=subject.fixed_shape)  # a fixed size: both tiles have exactly it
             rec.max_dist, rec.mismatch = out.mismatch.max_dist, out.mismatch.mismatch
         except ValueError as e:
             out.not_run["tile mismatch"] = f"{name}: {e}"
             logger.warning("tile mismatch not measured on %s: %s", name, e)
     if "disparity" in on:
-        edge = cfg.disparity_tile or (192 if subject.dims == 2 else 64)
+        edge: int | tuple[int, ...] = subject.fixed_shape or cfg.disparity_tile or (192 if subject.dims == 2 else 64)
+        edges = edge if isinstance(edge, tuple) else (edge,) * subject.dims
         # tiles as large as the image are all the same tile: measure it once
-        n_tiles = 1 if all(edge >= s for s in raw.shape[1:]) else cfg.disparity_tiles
+        n_tiles = 1 if all(e >= s for e, s in zip(edges, raw.shape[1:], strict=True)) else cfg.disparity_tiles
+        whole = subject.fixed_shape if subject.fixed_shape else _whole_tile(raw.shape[1:], subject.divisor)
         try:
+            if subject.fixed_shape and any(s < e for s, e in zip(raw.shape[1:], edges, strict=True)):
+                raise ValueError(f"the image {raw.shape[1:]} is smaller than the network's fixed input {edges}")
             out.disparity = timer(
                 "train/eval disparity", train_eval_disparity, net, image, batch_size=cfg.disparity_batch_size,
-                n_tiles=n_tiles, tile_shape=_whole_tile(raw.shape[1:], subject.divisor) if n_tiles == 1 else edge,
-                threshold=cfg.threshold, device=dev, divisor=subject.divisor, progress=progress)
+                n_tiles=n_tiles, tile_shape=whole if n_tiles == 1 else edge,
+                threshold=cfg.threshold, device=dev, divisor=subject.divisor, progress=progress,
+                output="regression" if output_kind == "regression" else "probability")
             rec.disparity = out.disparity.disparity
         except ValueError as e:  # e.g. an image too small for train-mode statistics
             out.not_run["train/eval disparity"] = f"{name}: {' '.join(str(e).split())}"
             logger.warning("train/eval disparity not measured on %s: %s", name, e)
 
     spatial = tuple(raw.shape[1:])
-    if "tiled_vs_whole" in on:
-        out.consumers.append(timer("tiled vs whole", emulate_tiled_predictor, subject, raw, halo=halo,
-                                   batch_size=cfg.batch_size, device=str(dev), max_voxels=cfg.region_voxels))
-    if "consumers" in on:
-        out.consumers.append(timer("seams in bioimageio.core", emulate_bioimageio_core, subject, raw,
-                                   blocksize=cfg.core_blocksize, device=str(dev), max_voxels=cfg.region_voxels))
-        out.consumers.append(timer("seams in ilastik", emulate_ilastik, subject, raw, device=str(dev),
-                                   max_voxels=cfg.region_voxels, progress=progress))
+    for consumer, emulate in EMULATIONS.items():  # tilenorm-bmz's own tiling is the "tiled vs whole" check
+        if ("tiled_vs_whole" if consumer == "tilenorm-bmz" else "consumers") in on:
+            name = "tiled vs whole" if consumer == "tilenorm-bmz" else f"seams in {consumer}"
+            try:
+                out.consumers.append(timer(name, emulate, subject, raw, halo=halo, config=cfg, device=str(dev),
+                                           progress=progress))
+            except (ValueError, RuntimeError) as e:  # the consumer cannot run this package: said, not a crash
+                reason = f"the emulation could not run the package: {' '.join(str(e).split())[:400]}"
+                logger.warning("%s: %s", name, reason)
+                out.consumers.append(ConsumerSeams(consumer=consumer, applicable=False, reason=reason))
     for r in out.consumers:
         rec.seams[r.consumer] = r.max_abs_diff
         if not r.applicable and subject.is_package:
             warnings.append(f"{r.consumer} not emulated on {name}: {r.reason}")
 
     # tile-size sweep (and Dice against the labels at its largest tile) on the central region
-    if "sweep" in on or (target is not None and "dice" in on):
+    if subject.fixed_shape is not None and "sweep" in on:
+        out.not_run["tile-size sweep"] = (f"the package's input has one size ({'x'.join(map(str, subject.fixed_shape))}"
+                                          "): every consumer tiles with it")
+    elif "sweep" in on or (target is not None and "dice" in on):
         sizes_r = tiled_predictor_region(spatial, halo, subject.divisor, cfg.region_voxels)
         region = tuple(slice((s - r) // 2, (s - r) // 2 + r) for s, r in zip(spatial, sizes_r, strict=True))
         rec.region = tuple((sl.start, sl.stop) for sl in region)
@@ -736,8 +755,10 @@ def validate_package(
         test = timer("bioimage.io test", run_model_test, subject.source, subject.tested_format)
 
     # receptive field and halo ---------------------------------------------------------------------------------
+    # a network that runs only at its fixed size is measured at that size (no larger probe exists)
     rf = timer("receptive field", receptive_field, net, subject.dims, divisor=subject.divisor,
-               in_channels=subject.in_channels, device=dev, n_samples=2)
+               in_channels=subject.in_channels, device=dev, n_samples=2,
+               input_shape=None if subject.free_sizes else subject.fixed_shape)
     if subject.declared_halo is not None:
         halo = tuple(subject.declared_halo)
     elif cfg.halo is not None:
@@ -755,8 +776,13 @@ def validate_package(
         prepared.append((image, _check_received(subject, cfg, label, raw, image)))
     data_info = [d.model_copy(update={"note": "; ".join(x for x in (d.note, f"received: {received.describe()}") if x)})
                  for d, (_, received) in zip(data_info, prepared, strict=False)] + data_info[len(prepared):]
+    output_kind = timer("output kind", _output_kind, subject, cfg, prepared[0][0], halo)
+    if output_kind == "regression":
+        warnings.append("the outputs are not probabilities (values outside [0, 1]): tile mismatch, seams and "
+                        "disparity are judged relative to the output range, not binarized")
     measured = [
-        _measure_image(subject, cfg, label, raw, image, target, halo, timer, warnings, progress, received)
+        _measure_image(subject, cfg, label, raw, image, target, halo, timer, warnings, progress, received,
+                       output_kind)
         for (label, raw, _), (image, received), target in zip(images, prepared, targets, strict=True)
     ]
     per_image = [m.record for m in measured]
@@ -781,11 +807,13 @@ def validate_package(
     def where(index: int, check: Check) -> Check:
         return _with(check, details=f"{check.details} (worst image: {images[index][0]})") if multi else check
 
+    relative = output_kind == "regression"
     cause = seam_cause(net, rf, halo)
-    mm_worst = _worst(mismatches, lambda r: r.max_dist)
+    mm_worst = _worst(mismatches, lambda r: r.relative_max_dist if relative else r.max_dist)
     if "tile_mismatch" in checks_on:
         if mm_worst is not None:
-            checks.append(where(mismatches.index(mm_worst), check_tile_mismatch(mm_worst, cfg.max_dist, cause)))
+            checks.append(where(mismatches.index(mm_worst),
+                                check_tile_mismatch(mm_worst, cfg.max_dist, cause, relative=relative)))
         else:
             checks.append(Check(name="tile mismatch", measured=None, threshold=f"max_dist <= {cfg.max_dist:g}",
                                 passed=None, advice=not_run.get("tile mismatch", "")))
@@ -801,7 +829,8 @@ def validate_package(
         runs = consumer_runs.get(consumer)
         if runs:
             worst = _worst(runs, lambda r: r.max_abs_diff)
-            checks.append(where(runs.index(worst), _consumer_check(worst, cfg, ours, subject, warnings, cause)))
+            checks.append(where(runs.index(worst), _consumer_check(worst, cfg, ours, subject, warnings, cause,
+                                                                   relative=relative)))
     if halo_result is not None:
         check = check_halo(halo_result)
         checks.append(check if cfg.require_sufficient_halo else _with(check, informational=True))
@@ -822,7 +851,8 @@ def validate_package(
 
     missing = _missing_decisive(subject, cfg, checks_on, mm_worst, disp_worst, has_train_mode, not_run, halo, images)
     if missing is not None:
-        raise GateInputError(missing)
+        # on the package's own test input alone (no data given) the package cannot be judged: not applicable
+        raise GateInputError(missing, not_applicable=not _as_list(data) and subject.fixed_shape is not None)
     accepted = not any(c.status == "failed" for c in checks)
     consumers = [_worst(runs, lambda r: r.max_abs_diff) for runs in consumer_runs.values()]
     report = GateReport(
@@ -840,6 +870,11 @@ def _missing_decisive(subject: GateSubject, cfg: GateConfig, checks_on: set[str]
                       has_train_mode: bool, not_run: dict[str, str], halo: Sequence[int],
                       images: Sequence[tuple[str, np.ndarray, str]]) -> str | None:
     """Why no verdict can be given (a decisive check asked for could not run), with the data that would do."""
+    if "tile_mismatch" in checks_on and mismatch is None and subject.fixed_shape is not None:
+        fixed = subject.fixed_shape
+        return (f"no verdict: tile mismatch could not be measured ({not_run.get('tile mismatch', 'not run')}); "
+                f"the package runs tiles of exactly {'x'.join(map(str, fixed))}: give an image larger than that "
+                f"(--data IMG), e.g. {'x'.join(str(f + (f // 2 if a == 0 else 0)) for a, f in enumerate(fixed))}")
     if "tile_mismatch" in checks_on and mismatch is None:
         need = [ceil_to(2 * h + 3 * d, d) for h, d in zip(halo, subject.divisor, strict=True)]
         largest = max(max(im.shape[1:]) for _, im, _ in images)
@@ -851,6 +886,32 @@ def _missing_decisive(subject: GateSubject, cfg: GateConfig, checks_on: set[str]
         return ("no verdict: the network has normalization layers with running statistics but their train/eval "
                 f"disparity was not measured ({not_run.get('train/eval disparity', 'no image measured it')})")
     return None
+
+
+def _output_kind(subject: GateSubject, cfg: GateConfig, image: np.ndarray, halo: Sequence[int]) -> str:
+    """``probability`` or ``regression`` (``GateConfig.output_kind``; auto: from the package's postprocessing, else
+    from the range of one forward pass of a central tile of ``image``)."""
+    import torch
+
+    if cfg.output_kind != "auto":
+        return cfg.output_kind
+    if subject.descr is not None:
+        ids = [str(p.id) for p in subject.descr.outputs[0].postprocessing if str(p.id) != "ensure_dtype"]
+        if ids and ids[-1] in ("sigmoid", "softmax"):
+            return "probability"
+    tile = subject.fixed_shape or tiled_predictor_tile(halo, subject.divisor)
+    size = tuple(min(t, s // d * d) if subject.free_sizes else t
+                 for t, s, d in zip(tile, image.shape[1:], subject.divisor, strict=True))
+    if any(s < 1 for s in size) or any(s > i for s, i in zip(size, image.shape[1:], strict=True)):
+        return "probability"  # too small to look: the metrics will say so
+    crop = image[(slice(None), *(slice((i - s) // 2, (i - s) // 2 + s) for i, s in zip(image.shape[1:], size, strict=True)))]
+    with torch.no_grad():
+        was = subject.network.training
+        subject.network.eval()
+        y = subject.network(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None])
+        subject.network.train(was)
+    lo, hi = float(y.min()), float(y.max())
+    return "probability" if lo >= -1e-6 and hi <= 1 + 1e-6 else "regression"
 
 
 def _out_channels(subject: GateSubject) -> int:

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from ..checkpoint import (
@@ -32,7 +33,7 @@ from ..checkpoint import (
 from ..errors import TilenormError, TrustError
 from .archive import PackageFiles, open_package
 
-__all__ = ["PackageError", "open_package", "read_package_model", "read_torchscript"]
+__all__ = ["OnnxNetwork", "PackageError", "open_package", "read_onnx", "read_package_model", "read_torchscript"]
 
 logger = logging.getLogger(__name__)
 
@@ -332,20 +333,77 @@ def package_extra(files: PackageFiles) -> dict[str, Any]:
     return extra
 
 
+def _weights_bytes(files: PackageFiles, fmt: str) -> bytes:
+    """The bytes of the package's ``fmt`` weights file (checked name, read from the archive)."""
+    weights = (files.rdf.get("weights") or {}).get(fmt)
+    if not isinstance(weights, Mapping):
+        raise PackageError(f"{files.source} has no {fmt} weights")
+    what = f"the {fmt} weights"
+    with files.open(_source_name(weights.get("source"), what), what) as fh:
+        return fh.read()
+
+
 def read_torchscript(source: str | os.PathLike[str] | PackageFiles) -> nn.Module:
     """Load a package's ``torchscript`` weights (no trust needed: TorchScript runs no Python from the file)."""
     import torch
 
     with _opened(source) as files:
-        weights = (files.rdf.get("weights") or {}).get("torchscript")
-        if not isinstance(weights, Mapping):
-            raise PackageError(f"{files.source} has no torchscript weights")
-        with files.open(_source_name(weights.get("source"), "the torchscript weights"), "the torchscript weights") as fh:
-            data = fh.read()
+        data = _weights_bytes(files, "torchscript")
     try:
         return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
     except RuntimeError as e:
         raise PackageError(f"{files.source}: its torchscript weights could not be loaded: {str(e).splitlines()[0]}") from e
+
+
+class OnnxNetwork(nn.Module):
+    """A package's ``onnx`` weights run by onnxruntime, as a ``(B, C, *spatial) -> (B, C_out, *spatial)`` module.
+
+    No code from the file runs (onnxruntime executes its registered operators only). It has no parameters, no
+    train mode and no gradients (``differentiable = False``): the receptive field is measured from its impulse
+    response, and train/eval disparity does not apply.
+    """
+
+    differentiable = False
+
+    def __init__(self, model: bytes, name: str) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as e:  # the optional extra
+            raise PackageError(f"{name} has onnx weights only, which need onnxruntime: pip install "
+                               "'tilenorm-bmz[onnx]'") from e
+        import torch
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(1, torch.get_num_threads())
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own error types
+            raise PackageError(f"{name}: its onnx weights could not be loaded: {str(e).splitlines()[0]}") from e
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise PackageError(f"{name}: its onnx graph has {len(inputs)} inputs; one is supported")
+        self._input = inputs[0].name
+        self.name = name
+
+    def forward(self, x: Any) -> Any:
+        import torch
+
+        if not isinstance(x, torch.Tensor) or isinstance(x, torch.fx.Proxy):  # e.g. torch.fx tracing: not traceable
+            raise TypeError(f"an onnxruntime session runs on tensors, not on {type(x).__name__}")
+        array = x.detach().to("cpu", torch.float32).numpy()
+        y = self._session.run(None, {self._input: array})[0]
+        return torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)).to(x.device)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OnnxNetwork:
+        return self  # stateless: a session holds only the (read-only) graph
+
+
+def read_onnx(source: str | os.PathLike[str] | PackageFiles) -> OnnxNetwork:
+    """Load a package's ``onnx`` weights (no trust needed; see :class:`OnnxNetwork`)."""
+    with _opened(source) as files:
+        return OnnxNetwork(_weights_bytes(files, "onnx"), files.source.name)
 
 
 def check_model(files: PackageFiles) -> None:

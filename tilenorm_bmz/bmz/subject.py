@@ -8,8 +8,15 @@ read-only by bioimageio.spec.
 
 Weights: ``pytorch_state_dict`` is rebuilt with :func:`~tilenorm_bmz.bmz.read_package_model` (train mode
 exists, so train/eval disparity is measured); ``torchscript`` is loaded with ``torch.jit.load`` (a scripted
-module keeps its train/eval semantics; a traced one is reported as not applicable by the disparity metric).
-Packages with neither are outside the gate (``GateInputError(not_applicable=True)``).
+module keeps its train/eval semantics; a traced one is reported as not applicable by the disparity metric);
+``onnx`` runs in onnxruntime (:class:`~tilenorm_bmz.bmz.package_io.OnnxNetwork`: no train mode, no gradients;
+its receptive field is measured from its impulse response). Packages with none of these are outside the gate
+(``GateInputError(not_applicable=True)``).
+
+Sizes: parameterized (``min + n * step``) or fixed (step 0: ilastik and deepImageJ tile such a model with tiles
+of exactly that size, and so do the gate's measurements). For a fixed size the subject probes whether the
+network also runs at other sizes (``free_sizes``, with the step it needs as ``divisor``), which the whole-image
+references and the receptive field need.
 """
 
 from __future__ import annotations
@@ -149,6 +156,11 @@ class GateSubject:
     """The package's output halo per spatial axis (None for checkpoints)."""
     size_min: tuple[int, ...] | None = None
     size_step: tuple[int, ...] | None = None
+    """The package's input sizes per spatial axis: ``min + n * step``; a step of 0 is a fixed size (``min``)."""
+    free_sizes: bool = True
+    """The network runs at sizes other than the declared ones (multiples of ``divisor``): always for
+    parameterized sizes; for a fixed size, probed (a fully convolutional network does, one with a fixed-size
+    operation does not). Without it there is no whole-image prediction to compare tiles with."""
     descr: Any = None
     """The bioimage.io model description (format ``latest``) of a package."""
     package_axes: PackageAxes | None = None
@@ -167,6 +179,18 @@ class GateSubject:
     @property
     def is_package(self) -> bool:
         return self.kind == "package"
+
+    @property
+    def fixed_shape(self) -> tuple[int, ...] | None:
+        """The input tile every consumer runs when the package declares fixed sizes (None: parameterized).
+
+        An axis with a fixed size has it here; a parameterized axis of a package that fixes another one has its
+        smallest size that is at least the fixed sizes' largest."""
+        if self.size_min is None or self.size_step is None or all(s > 0 for s in self.size_step):
+            return None
+        top = max(m for m, s in zip(self.size_min, self.size_step, strict=True) if s == 0)
+        return tuple(m if s == 0 else m + max(0, -(-(top - m) // s)) * s
+                     for m, s in zip(self.size_min, self.size_step, strict=True))
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
@@ -226,6 +250,9 @@ def _load_descr(source: Path) -> tuple[Any, str | None]:
                              not_applicable=True)
     if isinstance(descr, v0_5.ModelDescr):
         return descr, None
+    rewritten = _fixed_output_as_reference(descr)
+    if rewritten is not None:
+        return rewritten, None
     latest = load_description(source, perform_io_checks=False, format_version="latest")
     if isinstance(latest, InvalidDescr):
         raise GateInputError(
@@ -234,6 +261,53 @@ def _load_descr(source: Path) -> tuple[Any, str | None]:
             not_applicable=True,
         )
     return latest, None
+
+
+def _fixed_output_as_reference(descr: Any) -> Any:
+    """A 0.4 model with a fixed input shape and a fixed output shape with a halo, in format 0.5 (else None).
+
+    bioimageio.spec's 0.4 -> 0.5 converter refuses a fixed output size with a halo ("output axis with halo and
+    fixed size not allowed"), although the description is valid and bioimageio.core runs it. When the output's
+    spatial sizes equal the input's, the fixed output shape is the same thing as an implicit one (the input's
+    shape, scale 1, offset 0; the channel axis keeps its own size), which converts.
+    """
+    import warnings
+
+    from bioimageio.spec import InvalidDescr, update_format
+    from bioimageio.spec.model import v0_4
+
+    if len(descr.inputs) != 1 or len(descr.outputs) != 1:
+        return None
+    inp, out = descr.inputs[0], descr.outputs[0]
+    if not (isinstance(inp.shape, list | tuple) and isinstance(out.shape, list | tuple)) or inp.axes != out.axes:
+        return None
+    if not any(out.halo or []):
+        return None  # without a halo the converter handles it
+    scale, offset = [], []
+    for axis, a, b in zip(out.axes, inp.shape, out.shape, strict=True):
+        if a == b:
+            scale.append(1.0)
+            offset.append(0)
+        elif axis == "c":
+            scale.append(0.0)
+            offset.append(b / 2)  # 0.4: out = in * scale + 2 * offset
+        else:
+            return None
+    implicit = v0_4.ImplicitOutputShape(reference_tensor=inp.name, scale=scale, offset=offset)
+    rewritten = descr.model_copy(update={"outputs": [out.model_copy(update={"shape": implicit})]})
+    with warnings.catch_warnings():  # "conversion of channel size from an implicit output shape may be wrong"
+        warnings.simplefilter("ignore", UserWarning)
+        latest = update_format(rewritten)
+    if isinstance(latest, InvalidDescr):
+        return None
+    sizes = [getattr(a, "size", None) for a in latest.outputs[0].axes if _axis_type(a) == "channel"]
+    channels = [len(a.channel_names) for a in latest.outputs[0].axes if _axis_type(a) == "channel"]
+    if "c" in out.axes and channels != [out.shape[out.axes.index("c")]]:
+        logger.warning("0.4 output shape rewrite gave channels %s (sizes %s); not used", channels, sizes)
+        return None
+    logger.info("%s: its fixed output shape with a halo is read as the input's shape (format 0.4 -> 0.5)",
+                descr.name)
+    return latest
 
 
 def _axis_type(axis: Any) -> str:
@@ -282,20 +356,27 @@ def _geometry(descr: Any, axes: PackageAxes) -> tuple[tuple[int, ...], tuple[int
             continue
         if isinstance(a.size, ParameterizedSize):
             sizes[str(a.id)] = (int(a.size.min), int(a.size.step))
+        elif isinstance(a.size, int):  # a fixed size: every consumer runs tiles of exactly this size
+            sizes[str(a.id)] = (int(a.size), 0)
         else:
             raise GateInputError(
-                f"input axis {str(a.id)!r} has the fixed size {a.size}: the gate tiles images, which needs a "
-                "parameterized size (min + n * step)", not_applicable=True,
+                f"input axis {str(a.id)!r} takes its size from another tensor ({a.size}): the gate handles one input "
+                "whose size is fixed or min + n * step", not_applicable=True,
             )
+    input_scale = {str(a.id): float(getattr(a, "scale", 1.0)) for a in descr.inputs[0].axes
+                   if _axis_type(a) == "space"}
     halos: dict[str, int] = {}
     for a in descr.outputs[0].axes:
         if _axis_type(a) != "space":
             continue
         size = getattr(a, "size", None)
-        if not isinstance(size, SizeReference) or size.offset != 0 or float(getattr(a, "scale", 1.0)) != 1.0:
+        same_fixed = isinstance(size, int) and sizes.get(str(a.id), (None, None)) == (size, 0)
+        same_ref = (isinstance(size, SizeReference) and size.offset == 0 and str(size.axis_id) == str(a.id)
+                    and float(getattr(a, "scale", 1.0)) == input_scale.get(str(a.id)))
+        if not (same_fixed or same_ref):
             raise GateInputError(
-                f"output axis {str(a.id)!r} is not the input's size (size {size}): the gate handles networks whose "
-                "output has the spatial size of the input", not_applicable=True,
+                f"output axis {str(a.id)!r} is not the input's size (size {size}, scale {getattr(a, 'scale', 1.0)}): "
+                "the gate handles networks whose output has the spatial size of the input", not_applicable=True,
             )
         halos[str(a.id)] = int(getattr(a, "halo", 0) or 0)
     return (
@@ -321,19 +402,29 @@ def _present_formats(descr: Any) -> list[str]:
 
 def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[str],
                      trust_code: bool) -> tuple[nn.Module, str, tuple[str, ...], dict[str, Any] | None]:
+    from ..errors import TrustError
     from .opening import open_model
 
     present = _present_formats(descr)
-    usable = [f for f in ("pytorch_state_dict", "torchscript") if f in present]
+    usable = [f for f in ("pytorch_state_dict", "torchscript", "onnx") if f in present]
     if not usable:
         raise GateInputError(
-            f"{source.name} has no PyTorch weights (it has: {', '.join(present) or 'none'}); the gate runs "
-            "pytorch_state_dict or torchscript weights. Add them (e.g. `bioimageio add-weights`) or validate "
+            f"{source.name} has no PyTorch or ONNX weights (it has: {', '.join(present) or 'none'}); the gate runs "
+            "pytorch_state_dict, torchscript or onnx weights. Add them (e.g. `bioimageio add-weights`) or validate "
             "the model's PyTorch checkpoint", not_applicable=True,
         )
     if config.weights != "auto" and config.weights not in usable:
         raise GateInputError(f"{source.name} has no {config.weights} weights (it has: {', '.join(present)})")
-    handle = open_model(source, trust_code=trust_code, weights=config.weights, allow=("bioimageio",))
+    if config.weights == "onnx" or usable == ["onnx"]:
+        return _onnx_network(source), "onnx", (), None
+    try:
+        handle = open_model(source, trust_code=trust_code, weights=config.weights, allow=("bioimageio",))
+    except TrustError as e:
+        if "onnx" not in usable or config.weights != "auto":
+            raise
+        notes.append(f"its PyTorch weights would run the package's code ({e}); the gate runs its onnx weights")
+        logger.warning(notes[-1])
+        return _onnx_network(source), "onnx", ("pytorch_state_dict",), None
     notes.extend(handle.notes)
     if handle.untrusted:
         notes.append(f"the bioimage.io test runs the {handle.weights_format} weights only: the "
@@ -347,6 +438,36 @@ def _package_network(source: Path, descr: Any, config: GateConfig, notes: list[s
             + f" (r_max {renorm['r_max']:g}, d_max {renorm['d_max']:g}, step {renorm['step']})"
         )
     return handle.network, handle.weights_format, handle.untrusted, handle.input_normalization
+
+
+def _onnx_network(source: Path) -> nn.Module:
+    from .package_io import PackageError, read_onnx
+
+    try:
+        return read_onnx(source)
+    except PackageError as e:
+        raise GateInputError(str(e)) from e
+
+
+def _free_divisor(network: nn.Module, channels: int, base: Sequence[int], step: Sequence[int]) -> tuple[int, ...] | None:
+    """For a package with fixed sizes: the smallest size step (1, 2, 4, ..., 64) by which the network also runs
+    beyond its fixed sizes, keeping the spatial size (two sizes tried); None when it runs only at them."""
+    for d in (1, 2, 4, 8, 16, 32, 64):
+        ok = True
+        for k in (1, 2):
+            size = tuple(b + k * (d if s == 0 else s) for b, s in zip(base, step, strict=True))
+            try:
+                with torch.no_grad():
+                    out = network(torch.zeros((1, channels, *size)))
+            except Exception:  # any error of a network that cannot run at this size
+                ok = False
+                break
+            if not isinstance(out, torch.Tensor) or tuple(out.shape[2:]) != size:
+                ok = False
+                break
+        if ok:
+            return tuple(d if s == 0 else s for s in step)
+    return None
 
 
 def _package_preprocess(descr: Any, axes: PackageAxes) -> Callable[[np.ndarray], np.ndarray]:
@@ -410,10 +531,26 @@ def _package_subject(source: Path, config: GateConfig, trust_code: bool) -> Gate
                      f"{axes.canonical}")
         network = _AxisAdapter(network, axes)
     network = _wrap_postprocessing(network, descr, notes)
+    channels = _channels(descr.inputs[0])
+    divisor: tuple[int, ...] | None = tuple(max(1, s) for s in size_step)
+    free = True
+    if 0 in size_step:
+        divisor = _free_divisor(network.eval(), channels, size_min, size_step)
+        free = divisor is not None
+        fixed = "x".join(str(m) for m, s in zip(size_min, size_step, strict=True) if s == 0)
+        if divisor is None:
+            divisor = tuple(m if s == 0 else s for m, s in zip(size_min, size_step, strict=True))
+            notes.append(f"the package's input has the fixed size {fixed} and its network runs only at that size: "
+                         "tiles are compared with each other (tile mismatch), there is no whole-image prediction")
+        else:
+            notes.append(f"the package's input has the fixed size {fixed}: the consumers run tiles of that size; "
+                         f"its network also runs at other multiples of {divisor}, which the reference (whole-image) "
+                         "predictions and the receptive field use")
+        logger.info(notes[-1])
     return GateSubject(
         source=source, kind="package", name=str(descr.name), dims=len(axes.spatial),
-        in_channels=_channels(descr.inputs[0]), network=network.eval(), weights_format=fmt,
-        divisor=tuple(max(1, s) for s in size_step), preprocess=_package_preprocess(descr, axes), axes=axes.spatial,
+        in_channels=channels, network=network.eval(), weights_format=fmt, free_sizes=free,
+        divisor=divisor, preprocess=_package_preprocess(descr, axes), axes=axes.spatial,
         declared_halo=halo, size_min=size_min, size_step=size_step, descr=descr, package_axes=axes,
         weight_formats=tuple(_present_formats(descr)), test_input=_test_input(descr, axes), notes=notes,
         tested_format=fmt if untrusted else None, normalization=normalization,

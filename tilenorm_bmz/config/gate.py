@@ -14,7 +14,7 @@ GateCheck = Literal["bioimageio", "tile_mismatch", "disparity", "tiled_vs_whole"
                     "dice"]
 #: The checks of the validation gate, in the order they run (``GateConfig.checks``).
 GATE_CHECKS: tuple[str, ...] = get_args(GateCheck)
-GateConsumer = Literal["tilenorm-bmz", "bioimageio.core", "ilastik"]
+GateConsumer = Literal["tilenorm-bmz", "bioimageio.core", "ilastik", "deepImageJ"]
 ReportFormat = Literal["json", "collection"]
 """``json``: report.json + report.html; ``collection``: also the bioimage.io collection's tool report."""
 REPORT_FORMATS: tuple[str, ...] = get_args(ReportFormat)
@@ -42,16 +42,24 @@ class GateConfig(StrictModel):
     """Checks to run: bioimageio, tile_mismatch, disparity, tiled_vs_whole, consumers, halo, sweep, dice."""
     require_bioimageio_test: bool = True
     """The bioimage.io format validation and model test must pass (packages; False: report only)."""
+    output_kind: Literal["auto", "probability", "regression"] = "auto"
+    """What the network predicts: probabilities (compared binarized at ``threshold``: Dice) or values of a
+    regression (denoising, restoration: compared relative to the output's range, ``max - min``). auto:
+    probability when the package's postprocessing ends in a sigmoid/softmax or every output on the data lies in
+    [0, 1], else regression."""
     max_dist: float = Field(1e-4, ge=0.0)
-    """Tile mismatch: largest |O1 - O2| in the valid overlap of two tiles."""
+    """Tile mismatch: largest |O1 - O2| in the valid overlap of two tiles (regression outputs: divided by the
+    output range)."""
     max_disparity: float = Field(0.05, ge=0.0, le=1.0)
-    """Train/eval disparity: largest ``1 - Dice(P_train, P_eval)`` of any channel."""
+    """Train/eval disparity: largest ``1 - Dice(P_train, P_eval)`` of any channel (regression outputs:
+    ``mean |P_train - P_eval| / output range``)."""
     max_seam: float = Field(1e-4, ge=0.0)
-    """Tiled vs whole image, per consumer: largest |tiled - whole|."""
+    """Tiled vs whole image, per consumer: largest |tiled - whole| (regression outputs: divided by the output
+    range)."""
     require_sufficient_halo: bool = True
     """The declared halo must be at least the one-sided receptive field (False: report only)."""
     gating_consumers: list[GateConsumer] = ["tilenorm-bmz", "bioimageio.core"]
-    """Consumers whose seams decide (tilenorm-bmz, bioimageio.core, ilastik); the others are reported."""
+    """Consumers whose seams decide (tilenorm-bmz, bioimageio.core, ilastik, deepImageJ); the others are reported."""
     max_sweep_range: float | None = Field(None, ge=0.0)
     """Largest spread of the sweep score over tile sizes (None: the sweep is informational)."""
     min_dice: float | None = Field(None, ge=0.0, le=1.0)
@@ -88,8 +96,8 @@ class GateConfig(StrictModel):
     cheapest emulation; core's own default is 10)."""
     halo: int | list[int] | None = None
     """Halo for checkpoints (packages use the halo they declare); default: from the receptive field."""
-    weights: Literal["auto", "pytorch_state_dict", "torchscript"] = "auto"
-    """Package weights the metrics run (auto: the state dict when it can be built, else TorchScript)."""
+    weights: Literal["auto", "pytorch_state_dict", "torchscript", "onnx"] = "auto"
+    """Package weights the metrics run (auto: the state dict when it can be built, else TorchScript, else ONNX)."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda, cuda:1, ..."""
     batch_size: int = Field(2, ge=1)

@@ -34,7 +34,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -130,11 +130,14 @@ class DisparityResult(MetricResult):
     reason: str = ""
     """Why the measurement is not applicable (empty when it is)."""
     disparity: list[float] | None = None
-    """Per output channel ``1 - dice(P_train, P_eval)``, pooled over all tiles."""
+    """Per output channel ``1 - dice(P_train, P_eval)``, pooled over all tiles (probability outputs), or
+    ``mean |P_train - P_eval| / range(P_eval)`` (regression outputs, ``output == "regression"``)."""
+    output: Literal["probability", "regression"] = "probability"
+    """How the outputs were compared: binarized at ``threshold`` (Dice) or as values relative to their range."""
     max_abs_diff: float | None = None
     """``max |P_train - P_eval|`` over all tiles, channels and voxels."""
     per_tile: list[list[float]] = Field(default_factory=list)
-    """``1 - dice`` per tile (outer) and channel (inner)."""
+    """``1 - dice`` (regression: the relative mean difference) per tile (outer) and channel (inner)."""
     threshold: float
     tile_shape: tuple[int, ...]
     n_tiles: int
@@ -225,8 +228,12 @@ def train_eval_disparity(
     device: str | torch.device = "auto",
     divisor: int | Sequence[int] | None = None,
     progress: bool = False,
+    output: Literal["probability", "regression"] = "probability",
 ) -> DisparityResult:
     """Measure train/eval disparity ``1 - dice(P_train, P_eval)`` per output channel.
+
+    For a regression output (denoising, restoration: values, not probabilities) the disparity is
+    ``mean |P_train - P_eval| / (max P_eval - min P_eval)`` per channel instead, over all tiles.
 
     Parameters
     ----------
@@ -251,6 +258,8 @@ def train_eval_disparity(
         Size multiple of the network per axis (default: ``model.divisor`` or 1).
     progress
         Show a progress bar over the batches.
+    output
+        ``probability`` (binarized at ``threshold``, Dice) or ``regression`` (relative mean difference).
 
     Returns
     -------
@@ -299,6 +308,7 @@ def train_eval_disparity(
     dependent, independent = norm_layers(model)
     common = {
         "threshold": threshold,
+        "output": output,
         "tile_shape": tuple(tshape),
         "n_tiles": n_tiles,
         "batch_size": batch_size,
@@ -332,6 +342,11 @@ def train_eval_disparity(
     inter = total = None
     per_tile: list[list[float]] = []
     max_abs = 0.0
+    abs_sum: Tensor | None = None  # regression: per channel sum |P_train - P_eval|, voxel count, P_eval range
+    n_voxels = 0
+    lo: Tensor | None = None
+    hi: Tensor | None = None
+    tile_abs: list[list[float]] = []
     worst: tuple[float, float] = (-1.0, -1.0)  # (1 - dice, max |difference|) of the figure's tile
     figure: DisparityFigure | None = None
     moved = False
@@ -373,7 +388,18 @@ def train_eval_disparity(
                     total = s_tile.sum(0) if total is None else total + s_tile.sum(0)
                     diff = (p_train - p_eval).abs()
                     max_abs = max(max_abs, float(diff.max()))
-                    for j, row in enumerate((1.0 - d_tile).tolist()):
+                    rows = (1.0 - d_tile).tolist()
+                    if output == "regression":
+                        mean_t = diff.mean(dim=spatial, dtype=torch.float64)  # (k, C)
+                        tile_abs.extend(mean_t.tolist())
+                        part = diff.sum(dim=(0, *spatial), dtype=torch.float64)
+                        abs_sum = part if abs_sum is None else abs_sum + part
+                        n_voxels += diff[:, 0].numel()
+                        mn, mx = p_eval.amin(dim=(0, *spatial)).double(), p_eval.amax(dim=(0, *spatial)).double()
+                        lo = mn if lo is None else torch.minimum(lo, mn)
+                        hi = mx if hi is None else torch.maximum(hi, mx)
+                        rows = mean_t.tolist()  # the figure shows the tile with the largest mean difference
+                    for j, row in enumerate(rows):
                         per_tile.append(row)
                         score = (max(row), float(diff[j].max()))  # Dice first, then the raw difference
                         if score > worst:
@@ -397,9 +423,15 @@ def train_eval_disparity(
         )
     assert inter is not None and total is not None
     pooled = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    values = (1.0 - pooled).tolist()
+    if output == "regression":
+        assert abs_sum is not None and lo is not None and hi is not None
+        span = (hi - lo).clamp_min(1e-12)
+        values = (abs_sum / n_voxels / span).tolist()
+        per_tile = [[v / float(r) for v, r in zip(row, span.tolist(), strict=True)] for row in tile_abs]
     return DisparityResult(
         applicable=True,
-        disparity=(1.0 - pooled).tolist(),
+        disparity=values,
         max_abs_diff=max_abs,
         per_tile=per_tile,
         figure=figure,

@@ -143,6 +143,9 @@ class TileMismatchResult(MetricResult):
     mismatch: list[float]
     """Per output channel: mean over crops of ``1 - dice(O1_c, O2_c)``."""
     max_dist_per_channel: list[float]
+    output_range: list[float] | None = None
+    """Per output channel, ``max - min`` of both tiles' predictions over the valid overlaps (the scale of a
+    regression output)."""
     crop_max_dist: list[float]
     """``max |O1 - O2|`` of every crop, in the order of ``geometry.origins``."""
     worst_crop: tuple[int, ...]
@@ -159,6 +162,13 @@ class TileMismatchResult(MetricResult):
     def seamless(self) -> bool:
         """``max_dist == 0``: the paper's "no" tile mismatch."""
         return self.max_dist == 0.0
+
+    @property
+    def relative_max_dist(self) -> float | None:
+        """``max |O1 - O2| / output range`` over channels (regression outputs are judged by it)."""
+        if self.output_range is None:
+            return None
+        return max(d / max(r, 1e-12) for d, r in zip(self.max_dist_per_channel, self.output_range, strict=True))
 
     @property
     def verdict(self) -> str:
@@ -181,6 +191,7 @@ def mismatch_geometry(
     tile: int | None = None,
     offset: int | None = None,
     max_crops: int | None = None,
+    tile_shape: Sequence[int] | None = None,
 ) -> MismatchGeometry:
     """Resolve the crops and tiles of :func:`tile_mismatch` for an image of spatial shape ``image_shape``.
 
@@ -203,6 +214,11 @@ def mismatch_geometry(
         ``tile`` nor ``crop_shape`` is given and the halo leaves no valid overlap, the tile is enlarged.
     max_crops
         Measure at most this many crops, evenly spread over the grid (all when None).
+    tile_shape
+        For a network that runs at one input size (a package's fixed size): both tiles have exactly this shape,
+        nothing is scaled or rounded, and only the offset (default ``tile // 2`` along the axis with the most
+        room beyond the tile) shrinks to fit the image, in multiples of the divisor. ``crop_shape`` and ``tile``
+        are then not used.
 
     Raises
     ------
@@ -226,6 +242,8 @@ def mismatch_geometry(
         notes.append(msg)
         logger.warning("tile mismatch: %s", msg)
 
+    if tile_shape is not None:
+        return _exact_geometry(shape, tuple(int(t) for t in tile_shape), halos, div, offset, stride, max_crops)
     user_sized = crop_shape is not None or tile is not None
     if crop_shape is not None:
         crop = list(as_spatial_tuple(crop_shape, dims, "crop_shape"))
@@ -319,6 +337,38 @@ def mismatch_geometry(
             "or a smaller halo"
         )
 
+    return _grid(shape, crop, long_axis, tile, offset, h, div, stride, max_crops, valid, scaled, notes)
+
+
+def _exact_geometry(shape: tuple[int, ...], tiles: tuple[int, ...], halos: tuple[int, ...], div: tuple[int, ...],
+                    offset: int | None, stride: int | Sequence[int], max_crops: int | None) -> MismatchGeometry:
+    """:func:`mismatch_geometry` for tiles of one fixed shape (see its ``tile_shape``)."""
+    dims = len(shape)
+    if len(tiles) != dims:
+        raise ValueError(f"tile_shape {tiles} must have {dims} entries, one per spatial axis")
+    room = [s - t for s, t in zip(shape, tiles, strict=True)]
+    long_axis = _last_argmax(room)
+    t, h, d = tiles[long_axis], halos[long_axis], div[long_axis]
+    need = t + max(d, ceil_to(2 * h + 1, d))  # the smallest image with a valid overlap along the long axis
+    if min(room) < 0 or room[long_axis] < need - t:
+        size = "x".join(map(str, tiles))
+        raise ValueError(
+            f"the network runs on tiles of exactly {size}: two overlapping tiles (halo {h}, offset a multiple of "
+            f"{d}) need an image of at least {need} voxels along one axis and the tile's size along the others, "
+            f"got {'x'.join(map(str, shape))}"
+        )
+    want = round_down(t // 2 if offset is None else int(offset), d)
+    o = max(d, min(want, round_down(room[long_axis], d), round_down(t - 2 * h - 1, d)))
+    notes = [] if o == want else [f"offset {want} reduced to {o} to fit the image and leave a valid overlap"]
+    crop = list(tiles)
+    crop[long_axis] = t + o
+    return _grid(shape, crop, long_axis, t, o, h, div, stride, max_crops, (o + h, t - h), False, notes)
+
+
+def _grid(shape: tuple[int, ...], crop: list[int], long_axis: int, tile: int, offset: int, h: int,
+          div: tuple[int, ...], stride: int | Sequence[int], max_crops: int | None, valid: tuple[int, int],
+          scaled: bool, notes: list[str]) -> MismatchGeometry:
+    dims = len(shape)
     strides = as_spatial_tuple(stride, dims, "stride")
     if min(strides) < 1:
         raise ValueError(f"stride must be >= 1, got {strides}")
@@ -378,6 +428,7 @@ def tile_mismatch(
     divisor: int | Sequence[int] | None = None,
     max_crops: int | None = None,
     progress: bool = False,
+    tile_shape: Sequence[int] | None = None,
 ) -> TileMismatchResult:
     """Measure tile mismatch as in the paper's Fig. 3.
 
@@ -402,6 +453,8 @@ def tile_mismatch(
         Size multiple of the network per axis (default: ``model.divisor`` or 1).
     progress
         Show a progress bar over the crops.
+    tile_shape
+        Tiles of exactly this shape, for a network that runs at one size (see :func:`mismatch_geometry`).
 
     Returns
     -------
@@ -433,6 +486,7 @@ def tile_mismatch(
         tile=tile,
         offset=offset,
         max_crops=max_crops,
+        tile_shape=tile_shape,
     )
     g = geometry
     la, tl, off = g.long_axis, g.tile, g.offset
@@ -445,6 +499,8 @@ def tile_mismatch(
     crop_max: list[float] = []
     one_minus_dice: torch.Tensor | None = None
     chan_max: torch.Tensor | None = None
+    out_lo: torch.Tensor | None = None
+    out_hi: torch.Tensor | None = None
     worst: tuple[float, int] = (-1.0, 0)
     figure: MismatchFigure | None = None
     worst_voxel: tuple[int, ...] = ()
@@ -468,6 +524,10 @@ def tile_mismatch(
             one_minus_dice = one_m_d if one_minus_dice is None else one_minus_dice + one_m_d
             cm = per_chan.amax(0)
             chan_max = cm if chan_max is None else torch.maximum(chan_max, cm)
+            both = torch.cat([a, b])
+            mn, mx = both.amin(dim=(0, *spatial)).double(), both.amax(dim=(0, *spatial)).double()
+            out_lo = mn if out_lo is None else torch.minimum(out_lo, mn)
+            out_hi = mx if out_hi is None else torch.maximum(out_hi, mx)
             for j, value in enumerate(per_chan.amax(1).tolist()):
                 crop_max.append(value)
                 if value > worst[0]:
@@ -490,6 +550,7 @@ def tile_mismatch(
         max_dist=float(max(crop_max)),
         mismatch=(one_minus_dice / n).tolist(),
         max_dist_per_channel=chan_max.tolist(),
+        output_range=None if out_lo is None or out_hi is None else (out_hi - out_lo).tolist(),
         crop_max_dist=crop_max,
         worst_crop=g.origins[worst[1]],
         worst_voxel=worst_voxel,

@@ -62,8 +62,17 @@ class TiledVsWholeResult(MetricResult):
     mean_abs_diff: float | None = None
     worst_voxel: tuple[int, ...] | None = None
     """Spatial coordinates of the largest difference."""
+    output_range: list[float] | None = None
+    """Per output channel, ``max - min`` of the whole-image prediction (the scale of a regression output)."""
     device: str
     figure: SeamFigure | None = Field(default=None, exclude=True, repr=False)
+
+    @property
+    def relative_max_diff(self) -> float | None:
+        """``max |tiled - whole| / output range`` over channels (regression outputs are judged by it)."""
+        if self.max_abs_diff_per_channel is None or self.output_range is None:
+            return None
+        return max(d / max(r, 1e-12) for d, r in zip(self.max_abs_diff_per_channel, self.output_range, strict=True))
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -168,6 +177,7 @@ def tiled_vs_whole(
         max_abs_diff_per_channel=diff.reshape(diff.shape[0], -1).max(1).astype(float).tolist(),
         mean_abs_diff=float(diff.mean(dtype=np.float64)),
         worst_voxel=tuple(int(p) for p in pos),
+        output_range=np.ptp(whole.reshape(whole.shape[0], -1), axis=1).astype(float).tolist(),
         device=str(dev),
         figure=_make_figure(diff, tiled, whole, int(c), [int(p) for p in pos]),
     )

@@ -72,22 +72,28 @@ def _fmt(values: Sequence[float]) -> str:
     return ", ".join(f"{v:.4g}" for v in values)
 
 
-def check_tile_mismatch(result: TileMismatchResult, max_dist: float = 1e-4, cause: str | None = None) -> Check:
+def check_tile_mismatch(result: TileMismatchResult, max_dist: float = 1e-4, cause: str | None = None,
+                        relative: bool = False) -> Check:
     """``result.max_dist <= max_dist`` (0 is the paper's "no tile mismatch"); ``cause``: what the measurements
-    say makes the tiles disagree (the advice then names it instead of the usual suspects)."""
+    say makes the tiles disagree (the advice then names it instead of the usual suspects). ``relative``: a
+    regression output, judged by ``max_dist / output range`` (its Dice is not meaningful)."""
     g = result.geometry
-    passed = result.max_dist <= max_dist
+    value = result.relative_max_dist if relative and result.relative_max_dist is not None else result.max_dist
+    passed = value <= max_dist
+    where = (f"{len(g.origins)} crop(s) of {_shape(g.crop_shape)}, tiles of {g.tile} offset by {g.offset} "
+             f"along axis {g.long_axis}, halo {g.halo}")
     details = (
-        f"tile mismatch: {result.verdict}; 1 - Dice per channel: {_fmt(result.mismatch)}; "
-        f"{len(g.origins)} crop(s) of {_shape(g.crop_shape)}, tiles of {g.tile} offset by {g.offset} "
-        f"along axis {g.long_axis}, halo {g.halo}"
+        f"tile mismatch: {result.verdict}; 1 - Dice per channel: {_fmt(result.mismatch)}; {where}" if not relative
+        else f"tile mismatch: {result.verdict}; regression output: max |O1 - O2| {result.max_dist:.3g} over the "
+             f"output range {_fmt(result.output_range or [])}; {where}"
     )
     if g.scaled_down:
         details += " (sizes scaled down to fit the image)"
     advice = ""
     if not passed:
         advice = (
-            f"two overlapping tiles disagree by up to {result.max_dist:.3g} (worst at voxel "
+            f"two overlapping tiles disagree by up to {result.max_dist:.3g}"
+            + (f" ({value:.3g} of the output range)" if relative else "") + " (worst at voxel "
             f"{result.worst_voxel}, channel {result.worst_channel}): "
             + (cause or "the network normalizes per tile. Convert it to BatchRenorm with `tilenorm-bmz convert` "
                "(InstanceNorm/GroupNorm/BatchNorm in train mode), and make sure the input is normalized globally "
@@ -95,8 +101,8 @@ def check_tile_mismatch(result: TileMismatchResult, max_dist: float = 1e-4, caus
         )
     return Check(
         name="tile mismatch",
-        measured=result.max_dist,
-        threshold=f"max_dist <= {max_dist:g}",
+        measured=value,
+        threshold=f"max_dist / output range <= {max_dist:g}" if relative else f"max_dist <= {max_dist:g}",
         passed=passed,
         advice=advice,
         details=details,
@@ -123,13 +129,14 @@ def check_disparity(result: DisparityResult, max_disparity: float = 0.05) -> Che
         )
     worst = max(result.disparity)
     passed = worst <= max_disparity
+    what = "1 - Dice" if result.output == "probability" else "mean |P_train - P_eval| / output range"
     clipped = result.renorm_clipped
     shift = clipped is not None and sum(clipped) / len(clipped) >= DATA_SHIFT_CLIPPED
     advice = ""
     if not passed and shift:
         assert clipped is not None
         advice = (
-            f"the prediction changes when the normalization runs in train mode (1 - Dice up to {worst:.3g}), and "
+            f"the prediction changes when the normalization runs in train mode ({what} up to {worst:.3g}), and "
             f"BatchRenorm clips r or d in {sum(clipped) / len(clipped):.0%} of its channels on this data: the input "
             "is outside the training statistics (a data shift), not a mismatch of the running statistics. Normalize "
             "the data as the model was trained (its bit depth, range, preprocessing), or fine-tune on such data "
@@ -137,7 +144,7 @@ def check_disparity(result: DisparityResult, max_disparity: float = 0.05) -> Che
         )
     elif not passed:
         advice = (
-            f"the prediction changes when the normalization runs in train mode (1 - Dice up to {worst:.3g}): "
+            f"the prediction changes when the normalization runs in train mode ({what} up to {worst:.3g}): "
             "the running statistics do not match the statistics the network was trained with. Convert to "
             "BatchRenorm and fine-tune (`tilenorm-bmz convert --finetune CONFIG`), or recalibrate the "
             "running statistics on data (`tilenorm-bmz convert --calibrate IMAGE`)"
@@ -149,7 +156,7 @@ def check_disparity(result: DisparityResult, max_disparity: float = 0.05) -> Che
     return Check(
         name="train/eval disparity",
         measured=result.disparity,
-        threshold=f"<= {max_disparity:g} per channel",
+        threshold=f"{what} <= {max_disparity:g} per channel",
         passed=passed,
         advice=advice,
         details=details,
@@ -157,10 +164,11 @@ def check_disparity(result: DisparityResult, max_disparity: float = 0.05) -> Che
 
 
 def check_tiled_vs_whole(
-    result: TiledVsWholeResult, max_abs_diff: float = 1e-4, name: str = "tiled vs whole", cause: str | None = None
+    result: TiledVsWholeResult, max_abs_diff: float = 1e-4, name: str = "tiled vs whole", cause: str | None = None,
+    relative: bool = False,
 ) -> Check:
-    """``max |tiled - whole| <= max_abs_diff``; not applicable when the whole image did not fit. ``cause``: as in
-    :func:`check_tile_mismatch`."""
+    """``max |tiled - whole| <= max_abs_diff``; not applicable when the whole image did not fit. ``cause`` and
+    ``relative`` (judged relative to the output range) as in :func:`check_tile_mismatch`."""
     if result.skipped or result.max_abs_diff is None:
         return Check(
             name=name,
@@ -169,20 +177,24 @@ def check_tiled_vs_whole(
             passed=None,
             advice=result.reason,
         )
-    passed = result.max_abs_diff <= max_abs_diff
+    value = result.relative_max_diff if relative and result.relative_max_diff is not None else result.max_abs_diff
+    passed = value <= max_abs_diff
     advice = ""
     if not passed:
         advice = (
             f"the tiled prediction differs from the whole-image prediction by up to "
-            f"{result.max_abs_diff:.3g} (at voxel {result.worst_voxel}): seams. "
+            f"{result.max_abs_diff:.3g}" + (f" ({value:.3g} of the output range)" if relative else "")
+            + f" (at voxel {result.worst_voxel}): seams. "
             + (cause[:1].upper() + cause[1:] if cause else "Use a halo of at least the receptive field, global input "
                "normalization, and a network without tile-wise normalization (`tilenorm-bmz convert`)")
         )
     details = f"mean |difference| {result.mean_abs_diff:.3g} on an image of {_shape(result.image_shape)}"
+    if relative:
+        details += f"; regression output, range {_fmt(result.output_range or [])}"
     return Check(
         name=name,
-        measured=result.max_abs_diff,
-        threshold=f"<= {max_abs_diff:g}",
+        measured=value,
+        threshold=f"max |tiled - whole| / output range <= {max_abs_diff:g}" if relative else f"<= {max_abs_diff:g}",
         passed=passed,
         advice=advice,
         details=details,

@@ -330,6 +330,42 @@ def tile_coupling_layers(model: nn.Module, train_norm: bool = False) -> list[tup
             if train_norm or tracks is False:
                 why = "in train mode" if train_norm else "without running statistics"
                 found.append((name or "<model>", f"{tname} {why} normalizes with statistics of each tile"))
+    if not found:
+        found.extend(_graph_coupling(model))
+    return found
+
+
+#: TorchScript operators that normalize with statistics of the whole tensor they receive.
+_COUPLING_OPS = ("aten::instance_norm", "aten::group_norm", "aten::layer_norm")
+
+
+def _graph_coupling(model: nn.Module) -> list[tuple[str, str]]:
+    """Tile coupling inside TorchScript graphs, which hide their layers: a traced module keeps only operators (a
+    network traced in train mode holds ``aten::batch_norm`` with ``training=True`` as a constant)."""
+    found: list[tuple[str, str]] = []
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.jit.ScriptModule) or any(
+                name.startswith(f"{n}.") for n, _ in found):
+            continue
+        try:
+            nodes = list(m.inlined_graph.nodes())
+        except (AttributeError, RuntimeError):  # a ScriptModule without a forward graph
+            continue
+        counts: dict[str, int] = {}
+        for node in nodes:
+            kind = node.kind()
+            if kind in _COUPLING_OPS:
+                counts[kind] = counts.get(kind, 0) + 1
+            elif kind == "aten::batch_norm":
+                training = node.inputsAt(5).node()
+                if training.kind() == "prim::Constant" and training.output().toIValue() is True:
+                    counts["aten::batch_norm (training=True)"] = counts.get("aten::batch_norm (training=True)", 0) + 1
+        for op, n in counts.items():
+            why = ("was traced in train mode: it normalizes with the statistics of each batch and tile"
+                   if "training" in op else "normalizes with statistics of each tile")
+            found.append((f"{name or '<model>'} (TorchScript graph)", f"{n} x {op} {why}"))
+        if counts:
+            break  # one graph holds the whole network
     return found
 
 
@@ -427,7 +463,11 @@ def _measure_copy(model: nn.Module, train_norm: bool, device: torch.device) -> n
 # numerical measurement
 # ------------------------------------------------------------------------------------------------------
 def _input_gradient(model: nn.Module, x: torch.Tensor, voxel: tuple[int, ...]) -> np.ndarray:
-    """|d sum_c y[0, c, voxel] / d x| summed over input channels (spatial float64 array)."""
+    """|d sum_c w_c y[0, c, voxel] / d x| summed over input channels (spatial float64 array).
+
+    The output channels are weighted by distinct positive weights ``w_c = 1 + c / C``: a plain sum is constant
+    for a network that ends in a softmax over channels (its gradient is zero everywhere), a weighted one is not.
+    """
     x = x.detach().clone().requires_grad_(True)
     y = model(x)
     if tuple(y.shape[2:]) != tuple(x.shape[2:]):
@@ -435,9 +475,44 @@ def _input_gradient(model: nn.Module, x: torch.Tensor, voxel: tuple[int, ...]) -
             f"the network changes the spatial size ({tuple(x.shape[2:])} -> {tuple(y.shape[2:])}): tiled "
             "prediction and this receptive-field measurement need a 'same'-padded network"
         )
-    sel = y[(0, slice(None), *voxel)].sum()
+    out = y[(0, slice(None), *voxel)]
+    sel = (out * (1.0 + torch.arange(out.shape[0], dtype=out.dtype, device=out.device) / out.shape[0])).sum()
     (g,) = torch.autograd.grad(sel, x)
     return g.abs().sum(dim=1)[0].double().cpu().numpy()
+
+
+#: Impulse response: an output change counts when it exceeds this fraction of the output's largest magnitude
+#: (float rounding of unaffected outputs stays far below it).
+_IMPULSE_TOL = 1e-5
+
+
+def _impulse_response(model: nn.Module, x: np.ndarray, voxel: tuple[int, ...]) -> np.ndarray:
+    """For a network without gradients: ``|y(x + e_voxel) - y(x)|`` summed over output channels, mirrored about
+    ``voxel`` (the outputs an input voxel reaches are the mirror image of the inputs an output voxel sees), with
+    changes below ``_IMPULSE_TOL`` of the output's scale set to 0 (spatial float64 array)."""
+    base = torch.from_numpy(np.ascontiguousarray(x))[None]
+    bumped = base.clone()
+    bumped[(0, slice(None), *voxel)] += 1.0 + float(np.abs(x).max())
+    with torch.no_grad():
+        y0, y1 = model(base), model(bumped)
+    if tuple(y0.shape[2:]) != tuple(base.shape[2:]):
+        raise ValueError(
+            f"the network changes the spatial size ({tuple(base.shape[2:])} -> {tuple(y0.shape[2:])}): tiled "
+            "prediction and this receptive-field measurement need a 'same'-padded network"
+        )
+    d = (y1 - y0).abs().sum(dim=1)[0].double().cpu().numpy()
+    scale = float(torch.maximum(y0.abs().max(), y1.abs().max()))
+    d[d <= _IMPULSE_TOL * max(scale, 1e-30)] = 0.0
+    # mirror about the voxel: shift so that index voxel + k holds the response at voxel - k
+    out = np.zeros_like(d)
+    src, dst = [], []
+    for v, n in zip(voxel, d.shape, strict=True):
+        lo = max(0, 2 * v - (n - 1))
+        hi = min(n - 1, 2 * v)
+        src.append(slice(lo, hi + 1))
+        dst.append(slice(2 * v - hi, 2 * v - lo + 1))
+    out[tuple(dst)] = d[tuple(src)][tuple(slice(None, None, -1) for _ in voxel)]
+    return out
 
 
 def _support(g: np.ndarray) -> list[tuple[int, int]]:
@@ -566,8 +641,17 @@ def receptive_field(
     max_side = max_input_size or {1: 4096, 2: 1024, 3: 128}[dims]
     rng = np.random.default_rng(seed)
 
-    local, edited = _local_copy(model, dev)
-    if not edited:
+    impulse = getattr(model, "differentiable", True) is False  # e.g. an ONNX session: no gradients
+    if impulse:
+        local, edited = model, False
+        notes.append(
+            "no gradients (e.g. ONNX weights): measured from the impulse response (which outputs change when one "
+            f"input voxel changes, above {_IMPULSE_TOL:g} of the output's scale) over random inputs; the numerical "
+            "TRF may be smaller than the true one"
+        )
+    else:
+        local, edited = _local_copy(model, dev)
+    if not edited and not impulse:
         notes.append(
             "TorchScript module: measured as is (MaxPool and activations kept) over random inputs; the "
             "numerical TRF may be smaller than the true one"
@@ -579,6 +663,8 @@ def receptive_field(
     local_dtype = np.float32 if edited else np.float64
 
     def run(m: nn.Module, x: np.ndarray, voxel: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+        if impulse:
+            return _impulse_response(m, np.asarray(x, dtype=np.float32), voxel)
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=dtype))[None].to(dev)
         return _input_gradient(m, t, voxel)
 
@@ -605,7 +691,11 @@ def receptive_field(
         grow = edited or not coupling
 
     # -- numerical TRF: per phase, union over samples, on the local copy ------------------------------
-    n_phase = max(div)
+    # phases: the centre voxel moved by 0 .. n_phase - 1 on every axis. They cover the divisor; for a network
+    # of unknown structure at least 8, because the given divisor (a package's size step) need not be the
+    # network's own: one that pools 3 times with a step of 1 declared reaches farther from some phases
+    periods = div if analytic is not None else tuple(max(8, d) for d in div)
+    n_phase = max(periods)
     # an edited copy of a known structure is a positive linear map up to the output activation: one pass
     # per phase suffices; other networks may pool or gate functionally, so samples are united
     n_passes = n_phase if edited and analytic is not None else max(n_samples, n_phase)
@@ -617,7 +707,7 @@ def receptive_field(
         left, right = [0] * dims, [0] * dims
         for i in range(n_passes):
             phase = i % n_phase
-            voxel = tuple(ci + phase % d for ci, d in zip(c, div, strict=True))
+            voxel = tuple(ci + phase % p for ci, p in zip(c, periods, strict=True))
             g = run(local, local_input(shape), voxel, local_dtype)
             for a, ((lo, hi), s) in enumerate(zip(_support(g), shape, strict=True)):
                 if lo < 0:
@@ -647,7 +737,7 @@ def receptive_field(
             )
 
         # -- ERF and coupling: the network as it is -----------------------------------------------------
-        real = _measure_copy(model, train_norm, dev)
+        real = model if impulse else _measure_copy(model, train_norm, dev)
         c = centre_of(shape)
         acc = np.zeros(shape, dtype=np.float64)
         everywhere = False
