@@ -123,3 +123,18 @@ def test_deepimagej_tiles_reach_the_image_plus_halo_rounded_down_to_the_step():
     assert deepimagej_tile_shape((384, 416), (256, 256), (0, 0), (16, 16)) == (256, 256)  # fixed: as it is
     big = deepimagej_tile_shape((20000, 20000), (32, 32), (16, 16), (0, 0))
     assert np.prod(big) <= DEEPIMAGEJ_MAX_PIXELS
+
+
+def test_outputs_on_another_grid_map_losslessly_onto_the_input_grid():
+    from tilenorm_bmz.bmz.subject import to_input_grid
+
+    coarse = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
+    up = to_input_grid(coarse, (-2, -2))  # half resolution: each voxel repeated 2 x 2 times
+    assert up.shape == (1, 2, 6, 8) and torch.equal(up[:, :, ::2, ::2], coarse)
+    assert np.array_equal(to_input_grid(coarse.numpy(), (-2, -2)), up.numpy())
+    fine = torch.arange(1 * 1 * 6 * 4, dtype=torch.float32).reshape(1, 1, 6, 4)
+    depth = to_input_grid(fine, (3, 1))  # three times finer in y: runs of 3 voxels become 3 channels
+    assert depth.shape == (1, 3, 2, 4)
+    assert sorted(depth.flatten().tolist()) == sorted(fine.flatten().tolist())  # nothing lost
+    assert torch.equal(depth[0, :, 0, 0], fine[0, 0, 0:3, 0])
+    assert np.array_equal(to_input_grid(fine.numpy(), (3, 1)), depth.numpy())

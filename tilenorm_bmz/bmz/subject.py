@@ -22,6 +22,7 @@ references and the receptive field need.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ class PackageAxes:
     output: tuple[str, ...]
     spatial: tuple[str, ...]
     """Spatial axis ids in canonical (z, y, x) order."""
+    zoom: tuple[int, ...] = ()
+    """Per spatial axis, how the output's grid relates to the input's (empty: the same on every axis): ``k > 1``
+    an output ``k`` times finer (super-resolution), ``-k`` an output ``k`` times coarser."""
 
     @property
     def canonical(self) -> tuple[str, ...]:
@@ -73,12 +77,33 @@ class PackageAxes:
         return reorder(x, self.canonical, self.input)
 
     def from_package(self, y: np.ndarray) -> np.ndarray:
-        """The package's output order -> canonical ``(B, C, *spatial)``."""
-        return reorder_back(y, self.output, self.canonical)
+        """The package's output order -> canonical ``(B, C, *spatial)`` on the input's grid (see ``zoom``)."""
+        return to_input_grid(reorder_back(y, self.output, self.canonical), self.zoom)
 
     @property
     def is_canonical(self) -> bool:
-        return self.input == self.canonical and self.output == self.canonical
+        return self.input == self.canonical and self.output == self.canonical and not any(
+            z not in (0, 1) for z in self.zoom)
+
+
+def to_input_grid(y: Any, zoom: Sequence[int]) -> Any:
+    """An output ``(B, C, *spatial)`` on another grid than the input, losslessly on the input's grid: a coarser
+    output (``zoom = -k``) repeats each voxel ``k`` times along the axis; a finer one (``zoom = k``) moves each
+    run of ``k`` voxels into ``k`` times the channels (space to depth), so the metrics compare every output voxel
+    at the input position it belongs to."""
+    for a, z in enumerate(zoom):
+        axis = 2 + a
+        if z < -1:
+            y = y.repeat_interleave(-z, dim=axis) if isinstance(y, torch.Tensor) else np.repeat(y, -z, axis=axis)
+        elif z > 1:
+            shape = list(y.shape)
+            n = shape[axis] // z
+            split = [*shape[:axis], n, z, *shape[axis + 1:]]
+            y = y.reshape(split)
+            y = (y.movedim(axis + 1, 2) if isinstance(y, torch.Tensor) else np.moveaxis(y, axis + 1, 2))
+            merged = list(y.shape)
+            y = y.reshape([merged[0], merged[1] * merged[2], *merged[3:]])
+    return y
 
 
 def reorder(x: Any, src: Sequence[str], dst: Sequence[str]) -> Any:
@@ -120,7 +145,7 @@ class _AxisAdapter(nn.Module):
 
     def forward_one(self, x: torch.Tensor) -> torch.Tensor:
         y = self.network(reorder(x, self._axes.canonical, self._axes.input))
-        return reorder_back(y, self._axes.output, self._axes.canonical)
+        return self._axes.from_package(y)
 
 
 class _Sigmoid(nn.Module):
@@ -346,8 +371,20 @@ def _package_axes(descr: Any) -> PackageAxes:
     return PackageAxes(input=inp, output=outp, spatial=spatial)
 
 
-def _geometry(descr: Any, axes: PackageAxes) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """(min, step, halo) per spatial axis in canonical order."""
+def _zoom(ratio: float) -> int | None:
+    """Output size / input size -> ``PackageAxes.zoom`` (1 for the same grid; None: not an integer factor)."""
+    if abs(ratio - 1.0) < 1e-9:
+        return 1
+    if ratio > 1 and abs(ratio - round(ratio)) < 1e-9:
+        return round(ratio)
+    if ratio < 1 and abs(1 / ratio - round(1 / ratio)) < 1e-9:
+        return -round(1 / ratio)
+    return None
+
+
+def _geometry(descr: Any, axes: PackageAxes) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...],
+                                                      tuple[int, ...]]:
+    """(min, step, halo in input voxels, zoom) per spatial axis in canonical order."""
     from bioimageio.spec.model.v0_5 import ParameterizedSize, SizeReference
 
     sizes: dict[str, tuple[int, int]] = {}
@@ -366,23 +403,30 @@ def _geometry(descr: Any, axes: PackageAxes) -> tuple[tuple[int, ...], tuple[int
     input_scale = {str(a.id): float(getattr(a, "scale", 1.0)) for a in descr.inputs[0].axes
                    if _axis_type(a) == "space"}
     halos: dict[str, int] = {}
+    zooms: dict[str, int] = {}
     for a in descr.outputs[0].axes:
         if _axis_type(a) != "space":
             continue
         size = getattr(a, "size", None)
         same_fixed = isinstance(size, int) and sizes.get(str(a.id), (None, None)) == (size, 0)
-        same_ref = (isinstance(size, SizeReference) and size.offset == 0 and str(size.axis_id) == str(a.id)
-                    and float(getattr(a, "scale", 1.0)) == input_scale.get(str(a.id)))
-        if not (same_fixed or same_ref):
+        ref = isinstance(size, SizeReference) and size.offset == 0 and str(size.axis_id) == str(a.id)
+        ratio = input_scale.get(str(a.id), 1.0) / float(getattr(a, "scale", 1.0))  # output size / input size
+        k = _zoom(ratio)
+        if not (same_fixed or (ref and k is not None)):
             raise GateInputError(
-                f"output axis {str(a.id)!r} is not the input's size (size {size}, scale {getattr(a, 'scale', 1.0)}): "
-                "the gate handles networks whose output has the spatial size of the input", not_applicable=True,
+                f"output axis {str(a.id)!r} is not the input's grid or an integer zoom of it (size {size}, scale "
+                f"{getattr(a, 'scale', 1.0)}): the gate handles outputs of the input's spatial size, or that size "
+                "times or divided by an integer", not_applicable=True,
             )
-        halos[str(a.id)] = int(getattr(a, "halo", 0) or 0)
+        zooms[str(a.id)] = 1 if k is None else k
+        out_halo = int(getattr(a, "halo", 0) or 0)
+        # the halo in input voxels (bioimageio.spec's validator: halo * output scale / input scale)
+        halos[str(a.id)] = out_halo * -zooms[str(a.id)] if zooms[str(a.id)] < 0 else -(-out_halo // max(1, k or 1))
     return (
         tuple(sizes[a][0] for a in axes.spatial),
         tuple(sizes[a][1] for a in axes.spatial),
         tuple(halos.get(a, 0) for a in axes.spatial),
+        tuple(zooms.get(a, 1) for a in axes.spatial),
     )
 
 
@@ -524,7 +568,13 @@ def _package_subject(source: Path, config: GateConfig, trust_code: bool) -> Gate
         )
     notes: list[str] = []
     axes = _package_axes(descr)
-    size_min, size_step, halo = _geometry(descr, axes)
+    size_min, size_step, halo, zoom = _geometry(descr, axes)
+    if any(z != 1 for z in zoom):
+        axes = PackageAxes(input=axes.input, output=axes.output, spatial=axes.spatial, zoom=zoom)
+        notes.append(f"the output is on another grid than the input (zoom {zoom} per axis, - for coarser): the "
+                     "gate tiles in input space and compares every output voxel at its input position; halo "
+                     f"{halo} in input voxels")
+
     network, fmt, untrusted, normalization = _package_network(source, descr, config, notes, trust_code)
     if not axes.is_canonical:
         notes.append(f"the package declares axes {axes.input} -> {axes.output}; the metrics run it as "
@@ -532,7 +582,9 @@ def _package_subject(source: Path, config: GateConfig, trust_code: bool) -> Gate
         network = _AxisAdapter(network, axes)
     network = _wrap_postprocessing(network, descr, notes)
     channels = _channels(descr.inputs[0])
-    divisor: tuple[int, ...] | None = tuple(max(1, s) for s in size_step)
+    # an output k times coarser needs input sizes that are multiples of k
+    divisor: tuple[int, ...] | None = tuple(math.lcm(max(1, s), -z if z < 0 else 1)
+                                            for s, z in zip(size_step, zoom, strict=True))
     free = True
     if 0 in size_step:
         divisor = _free_divisor(network.eval(), channels, size_min, size_step)

@@ -25,6 +25,8 @@ measures the prepared network, so the tiles are larger by as much as the memory 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,7 +105,9 @@ def split_concatenations(model: nn.Module, example: torch.Tensor) -> tuple[nn.Mo
 
     graph = _Tracer().trace(model)
     gm = fx.GraphModule(model, graph, type(model).__name__)
-    with torch.no_grad():
+    # ShapeProp prints a traceback of a node that fails before it re-raises: the failure is ours to report (the
+    # network then runs as it is), not noise for the user
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
     count = 0
