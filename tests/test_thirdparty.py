@@ -5,7 +5,8 @@ halo 2), CAREamics 0.3.5's ``export_to_bmz`` (N2V, fixed 256x256, network import
 exported, once with TorchScript added by bioimageio.core's weight converter), and
 packages built with bioimageio.spec's own builder around networks written from scratch: TorchScript only with a
 fixed 256x256 input and no halo; ONNX only with a parameterized input and halo 8; format 0.4 with a fixed output
-shape and a halo; a BatchNorm denoiser (regression output); a half-resolution output; two inputs.
+shape and a halo; a BatchNorm denoiser (regression output); a half-resolution output; two inputs (one --data
+each).
 
 Each row says what the gate must answer and why. Every answer is one line and a collection report (passed,
 failed or not-applicable), never a traceback, and no package's code runs without trust.
@@ -52,7 +53,10 @@ EXPECTED = {
     # an output at half the input's resolution (output scale 2): tiled in input space, every output voxel
     # compared at its input position; halo 4 output voxels = 8 input voxels, above the receptive field (4)
     "output at half resolution": ("scaled_output.zip", ["DATA"], 0, "passed", "accepted"),
-    "two inputs": ("two_inputs.zip", [], 2, "not-applicable", "one input and one output"),
+    # two inputs (an image and a hint on its grid): one --data per input, tiled with the same blocks; seamless.
+    # bioimageio.core's own blocked prediction fails on it (it pads only the input the output refers to)
+    "two inputs": ("two_inputs.zip", ["DATA", "HINT"], 0, "passed", "accepted"),
+    "two inputs, one image": ("two_inputs.zip", ["DATA"], 2, "failed", "give one --data per input"),
 }
 
 
@@ -71,14 +75,26 @@ def blobs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def hint(blobs: Path) -> Path:
+    """A second input on the same grid: the blobs smoothed."""
+    from scipy import ndimage as ndi
+
+    path = blobs.with_name("hint.npy")
+    np.save(path, ndi.gaussian_filter(np.load(blobs), 4).astype(np.float32))
+    return path
+
+
 @pytest.mark.bmz
 @pytest.mark.parametrize("case", list(EXPECTED))
-def test_the_gate_gives_every_third_party_package_its_verdict(tmp_path: Path, blobs: Path, case: str) -> None:
+def test_the_gate_gives_every_third_party_package_its_verdict(tmp_path: Path, blobs: Path, hint: Path,
+                                                              case: str) -> None:
     name, extra, code, status, reason = EXPECTED[case]
     package = CORPUS / name
     before = package.read_bytes()
     out = tmp_path / "gate"
-    args = [a for e in extra for a in (["--data", str(blobs)] if e == "DATA" else [e])]
+    data = {"DATA": ["--data", str(blobs)], "HINT": ["--data", str(hint)]}
+    args = [a for e in extra for a in data.get(e, [e])]
     result = CliRunner().invoke(app, ["validate", str(package), "-o", str(out), "--report-format", "collection",
                                       *args])
     text = " ".join(result.output.split())

@@ -205,30 +205,34 @@ class _Pipeline:
         assert subject.descr is not None and subject.package_axes is not None
         self.subject = subject
         self.axes = subject.package_axes
-        self.member = subject.descr.inputs[0].id
-        self.out_member = subject.descr.outputs[0].id
-        self.dims = tuple(AxisId(a) for a in self.axes.input)
-        self.out_dims = [AxisId(a) for a in self.axes.output]
+        self.members = [t.id for t in subject.descr.inputs]
+        self.out_members = [t.id for t in subject.descr.outputs]
+        self.dims = [tuple(AxisId(a) for a in order) for order in self.axes.all_inputs]
+        self.out_dims = [[AxisId(a) for a in order] for order in self.axes.all_outputs]
         self.weights_format = weights_format
         self.pp = create_prediction_pipeline(subject.descr, weights_format=weights_format,  # type: ignore[arg-type]
                                              devices=[device])
 
     def sample(self, image: np.ndarray) -> Any:
+        """A canonical ``(C, *spatial)`` image (every input's channels one after the other) as a core Sample."""
         from bioimageio.core import Sample, Tensor
 
-        x = self.axes.to_package(np.ascontiguousarray(image, dtype=np.float32)[None])
-        return Sample(members={self.member: Tensor(x, dims=self.dims)}, stat={}, id="gate")
+        xs = self.axes.split(np.ascontiguousarray(image, dtype=np.float32)[None])
+        return Sample(members={m: Tensor(x, dims=d) for m, x, d in zip(self.members, xs, self.dims, strict=True)},
+                      stat={}, id="gate")
 
     def output(self, sample: Any) -> np.ndarray:
-        y = sample.members[self.out_member].transpose(self.out_dims).to_numpy()
-        return np.asarray(self.axes.from_package(y)[0], dtype=np.float32)
+        ys = [sample.members[m].transpose(d).to_numpy() for m, d in zip(self.out_members, self.out_dims,
+                                                                          strict=True)]
+        return np.asarray(self.axes.join(ys)[0], dtype=np.float32)
 
     def preprocessed(self, raw: np.ndarray) -> np.ndarray:
         """The whole image through the package's preprocessing (canonical ``(C, *spatial)``)."""
         s = self.sample(raw)
         self.pp.apply_preprocessing(s)
-        y = s.members[self.member].transpose(list(self.dims)).to_numpy()
-        return np.asarray(reorder_back(y, self.axes.input, self.axes.canonical)[0], dtype=np.float32)
+        parts = [reorder_back(s.members[m].transpose(list(d)).to_numpy(), order, self.axes.canonical)[0]
+                 for m, d, order in zip(self.members, self.dims, self.axes.all_inputs, strict=True)]
+        return np.asarray(np.concatenate(parts, axis=0), dtype=np.float32)
 
     def forward_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """Network + postprocessing of an already preprocessed input, no padding or cropping."""
@@ -363,7 +367,7 @@ def emulate_bioimageio_core(
     fmt = _weights(subject, ("pytorch_state_dict", "torchscript", "onnx"))
     pad = getattr(descr.inputs[0], "pad", None)
     pad_mode = str(getattr(pad, "mode", None) or "symmetric")
-    ns = {(descr.inputs[0].id, a.id): n for a in descr.inputs[0].axes if _is_parameterized(a)}
+    ns = {(t.id, a.id): n for t in descr.inputs for a in t.axes if _is_parameterized(a)}
     dev = str(resolve_device(device))
 
     with _Pipeline(subject, fmt, dev) as pipe:
@@ -429,6 +433,9 @@ def emulate_ilastik(
 
     if not subject.is_package:
         return _not_applicable("ilastik", "a checkpoint, not a package: package it first")
+    if subject.descr is not None and len(subject.descr.inputs) > 1:
+        return _not_applicable("ilastik", f"ilastik's neural network workflow runs models with one input; this one "
+                               f"has {len(subject.descr.inputs)}")
     if (why := _no_reference(subject)) is not None:
         return _not_applicable("ilastik", why)
     assert subject.size_min is not None and subject.size_step is not None and subject.declared_halo is not None
@@ -585,7 +592,7 @@ def emulate_deepimagej(
 def _per_sample_steps(descr: Any) -> list[str]:
     """Preprocessing operators whose statistics ilastik computes per tile (per-sample statistics)."""
     out = []
-    for p in descr.inputs[0].preprocessing:
+    for p in (p for t in descr.inputs for p in t.preprocessing):
         pid = str(p.id)
         kwargs = getattr(p, "kwargs", None)
         axes = getattr(kwargs, "axes", None)

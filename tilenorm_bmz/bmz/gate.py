@@ -259,8 +259,8 @@ def _read_image(item: ArrayOrPath, axes: str | None) -> tuple[str, np.ndarray]:
     return str(path), np.asarray(open_image(path, axes=axes).read())
 
 
-def _channels_first(name: str, a: np.ndarray, subject: GateSubject) -> np.ndarray:
-    dims, c = subject.dims, subject.in_channels
+def _channels_first(name: str, a: np.ndarray, subject: GateSubject, channels: int | None = None) -> np.ndarray:
+    dims, c = subject.dims, subject.in_channels if channels is None else channels
     if a.ndim == dims and c == 1:
         a = a[None]
     if a.ndim == dims + 2 and a.shape[0] == 1:  # a stored length-1 axis in front (e.g. a 2D image read as zyx)
@@ -279,6 +279,23 @@ def _channels_first(name: str, a: np.ndarray, subject: GateSubject) -> np.ndarra
     if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
         raise GateInputError(f"{name} has dtype {a.dtype}; expected real numbers")
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _one_sample(items: Sequence[tuple[str, np.ndarray, str]], subject: GateSubject) -> tuple[str, np.ndarray, str]:
+    """A package with several inputs: one ``--data`` per input, in the package's order, make one image (its
+    inputs' channels one after the other, as the gate's canonical network takes them)."""
+    assert subject.package_axes is not None and subject.descr is not None
+    names = [str(t.id) for t in subject.descr.inputs]
+    channels = subject.package_axes.input_channels
+    if len(items) != len(names):
+        raise GateInputError(f"the package has {len(names)} inputs ({', '.join(names)}): give one --data per input, "
+                             f"in this order (got {len(items)})")
+    parts = [_channels_first(f"{label} ({n})", arr, subject, c)
+             for (label, arr, _), n, c in zip(items, names, channels, strict=True)]
+    shapes = {p.shape[1:] for p in parts}
+    if len(shapes) != 1:
+        raise GateInputError(f"the inputs' images have the spatial shapes {sorted(shapes)}: give images of one size")
+    return " + ".join(label for label, _, _ in items), np.concatenate(parts, axis=0), ""
 
 
 def _default_data(subject: GateSubject, warnings: list[str]) -> list[tuple[str, np.ndarray, str]]:
@@ -627,7 +644,8 @@ def _measure_image(
                 out.consumers.append(timer(name, emulate, subject, raw, halo=halo, config=cfg, device=str(dev),
                                            progress=progress))
             except (ValueError, RuntimeError) as e:  # the consumer cannot run this package: said, not a crash
-                reason = f"the emulation could not run the package: {' '.join(str(e).split())[:400]}"
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]  # TorchScript: the cause is last
+                reason = f"{consumer} could not run the package: {(lines[-1] if lines else type(e).__name__)[:400]}"
                 logger.warning("%s: %s", name, reason)
                 out.consumers.append(ConsumerSeams(consumer=consumer, applicable=False, reason=reason))
     for r in out.consumers:
@@ -735,7 +753,10 @@ def validate_package(
         return _invalid_package_report(subject, cfg, out, device, timer, name, trust_code)
     warnings = list(subject.notes)
     items = [(*_read_image(d, data_axes), "") for d in _as_list(data)] or _default_data(subject, warnings)
-    images = [(label, _channels_first(label, arr, subject), note) for label, arr, note in items]
+    if subject.package_axes is not None and subject.package_axes.inputs and _as_list(data):
+        images = [_one_sample(items, subject)]
+    else:
+        images = [(label, _channels_first(label, arr, subject), note) for label, arr, note in items]
     label_items = _as_list(labels)
     if label_items and len(label_items) != len(images):
         raise GateInputError(f"{len(label_items)} label image(s) for {len(images)} image(s): give one per image, "

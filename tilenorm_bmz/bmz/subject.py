@@ -67,6 +67,38 @@ class PackageAxes:
     zoom: tuple[int, ...] = ()
     """Per spatial axis, how the output's grid relates to the input's (empty: the same on every axis): ``k > 1``
     an output ``k`` times finer (super-resolution), ``-k`` an output ``k`` times coarser."""
+    inputs: tuple[tuple[str, ...], ...] = ()
+    """Several inputs: each one's axis ids in declared order (empty: the one ``input``)."""
+    outputs: tuple[tuple[str, ...], ...] = ()
+    """Several outputs: each one's axis ids in declared order (empty: the one ``output``)."""
+    input_channels: tuple[int, ...] = ()
+    """Several inputs: the channels of each; the gate's canonical input holds them one after the other."""
+
+    @property
+    def all_inputs(self) -> tuple[tuple[str, ...], ...]:
+        return self.inputs or (self.input,)
+
+    @property
+    def all_outputs(self) -> tuple[tuple[str, ...], ...]:
+        return self.outputs or (self.output,)
+
+    def split(self, x: Any) -> list[Any]:
+        """Canonical ``(B, C, *spatial)`` (every input's channels one after the other) -> each input in its order."""
+        if not self.inputs:
+            return [self.to_package(x)]
+        out, start = [], 0
+        for axes, c in zip(self.inputs, self.input_channels, strict=True):
+            out.append(reorder(x[:, start:start + c], self.canonical, axes))
+            start += c
+        return out
+
+    def join(self, ys: Sequence[Any]) -> Any:
+        """Each output in its declared order -> one canonical ``(B, C, *spatial)`` on the input's grid."""
+        parts = [to_input_grid(reorder_back(y, axes, self.canonical), self.zoom)
+                 for y, axes in zip(ys, self.all_outputs, strict=True)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=1) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts, axis=1)
 
     @property
     def canonical(self) -> tuple[str, ...]:
@@ -83,7 +115,7 @@ class PackageAxes:
     @property
     def is_canonical(self) -> bool:
         return self.input == self.canonical and self.output == self.canonical and not any(
-            z not in (0, 1) for z in self.zoom)
+            z not in (0, 1) for z in self.zoom) and not self.inputs and not self.outputs
 
 
 def to_input_grid(y: Any, zoom: Sequence[int]) -> Any:
@@ -137,6 +169,8 @@ class _AxisAdapter(nn.Module):
         super().__init__()
         self.network = network
         self._axes = axes
+        if axes.inputs:  # the canonical input holds every input's channels
+            self.in_channels = sum(axes.input_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if "batch" not in self._axes.input:  # one sample at a time
@@ -144,8 +178,8 @@ class _AxisAdapter(nn.Module):
         return self.forward_one(x)
 
     def forward_one(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.network(reorder(x, self._axes.canonical, self._axes.input))
-        return self._axes.from_package(y)
+        y = self.network(*self._axes.split(x))
+        return self._axes.join(list(y) if isinstance(y, tuple | list) else [y])
 
 
 class _Sigmoid(nn.Module):
@@ -154,6 +188,8 @@ class _Sigmoid(nn.Module):
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.network = network
+        if isinstance(getattr(network, "in_channels", None), int):
+            self.in_channels = network.in_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.network(x))
@@ -339,12 +375,38 @@ def _axis_type(axis: Any) -> str:
     return str(getattr(axis, "type", ""))
 
 
+def _same_grid(descr: Any) -> str | None:
+    """Why the package's inputs (outputs) are not all on the first input's (first output's) spatial grid."""
+    from bioimageio.spec.model.v0_5 import SizeReference
+
+    first_in, first_out = descr.inputs[0], descr.outputs[0]
+
+    def check(tensors: Sequence[Any], first: Any, what: str) -> str | None:
+        ref = {str(a.id): a for a in first.axes if _axis_type(a) == "space"}
+        for t in tensors[1:]:
+            own = {str(a.id): a for a in t.axes if _axis_type(a) == "space"}
+            if set(own) != set(ref):
+                return f"{what} {t.id!r} has the spatial axes {sorted(own)}, not {sorted(ref)}"
+            for name, a in own.items():
+                size, r = getattr(a, "size", None), ref[name]
+                same = size == getattr(r, "size", None) or (
+                    isinstance(size, SizeReference) and size.offset == 0 and str(size.axis_id) == name
+                    and str(size.tensor_id) in (str(first_in.id), str(first.id))
+                    and float(getattr(a, "scale", 1.0)) == float(getattr(r, "scale", 1.0)))
+                if not same:
+                    return f"{what} {t.id!r} axis {name!r} has the size {size}, not the one of {first.id!r}"
+        return None
+
+    return check(descr.inputs, first_in, "input") or check(descr.outputs, first_out, "output")
+
+
 def _package_axes(descr: Any) -> PackageAxes:
-    if len(descr.inputs) != 1 or len(descr.outputs) != 1:
-        raise GateInputError(
-            f"the package has {len(descr.inputs)} input(s) and {len(descr.outputs)} output(s); the gate (like "
-            "ilastik and deepImageJ) handles one input and one output", not_applicable=True,
-        )
+    if len(descr.inputs) > 1 or len(descr.outputs) > 1:
+        why = _same_grid(descr)
+        if why is not None:
+            raise GateInputError(
+                f"the package has {len(descr.inputs)} input(s) and {len(descr.outputs)} output(s), not on one "
+                f"spatial grid ({why}): the gate tiles every input with the same blocks", not_applicable=True)
 
     def ids(tensor: Any, what: str) -> tuple[str, ...]:
         out = []
@@ -368,7 +430,12 @@ def _package_axes(descr: Any) -> PackageAxes:
             f"input axes {inp} / output axes {outp}: the gate needs 2 or 3 spatial axes, the same on input and "
             "output", not_applicable=True,
         )
-    return PackageAxes(input=inp, output=outp, spatial=spatial)
+    if len(descr.inputs) == 1 and len(descr.outputs) == 1:
+        return PackageAxes(input=inp, output=outp, spatial=spatial)
+    return PackageAxes(input=inp, output=outp, spatial=spatial,
+                       inputs=tuple(ids(t, f"input {t.id!r}") for t in descr.inputs),
+                       outputs=tuple(ids(t, f"output {t.id!r}") for t in descr.outputs),
+                       input_channels=tuple(_channels(t) for t in descr.inputs))
 
 
 def _zoom(ratio: float) -> int | None:
@@ -520,15 +587,17 @@ def _package_preprocess(descr: Any, axes: PackageAxes) -> Callable[[np.ndarray],
     from bioimageio.core.proc_setup import get_pre_and_postprocessing
 
     procs = get_pre_and_postprocessing(descr, dataset_for_initial_statistics=[])
-    member = descr.inputs[0].id
-    dims = tuple(AxisId(a) for a in axes.input)
+    members = [t.id for t in descr.inputs]
+    dims = [tuple(AxisId(a) for a in order) for order in axes.all_inputs]
 
     def preprocess(raw: np.ndarray) -> np.ndarray:
-        x = axes.to_package(np.asarray(raw, dtype=np.float32)[None])
-        sample = Sample(members={member: Tensor(x, dims=dims)}, stat={}, id="gate")
+        xs = axes.split(np.asarray(raw, dtype=np.float32)[None])
+        sample = Sample(members={m: Tensor(x, dims=d) for m, x, d in zip(members, xs, dims, strict=True)},
+                        stat={}, id="gate")
         procs.pre(sample)
-        y = sample.members[member].transpose(list(dims)).to_numpy()
-        return np.asarray(reorder_back(y, axes.input, axes.canonical)[0], dtype=np.float32)
+        parts = [reorder_back(sample.members[m].transpose(list(d)).to_numpy(), order, axes.canonical)[0]
+                 for m, d, order in zip(members, dims, axes.all_inputs, strict=True)]
+        return np.asarray(np.concatenate(parts, axis=0), dtype=np.float32)
 
     return preprocess
 
@@ -542,12 +611,18 @@ def _test_input(descr: Any, axes: PackageAxes) -> np.ndarray | None:
     except Exception as e:  # a package whose test tensor is missing still gets a clear message later
         logger.warning("could not read the package's test input: %s", e)
         return None
-    tensor = next(iter(sample.members.values()))
-    y = tensor.transpose([AxisId(a) for a in axes.input]).to_numpy()
-    return np.asarray(reorder_back(y, axes.input, axes.canonical)[0])
+    parts = [reorder_back(sample.members[t.id].transpose([AxisId(a) for a in order]).to_numpy(), order,
+                          axes.canonical)[0] for t, order in zip(descr.inputs, axes.all_inputs, strict=True)]
+    return np.asarray(np.concatenate(parts, axis=0))
 
 
 def _wrap_postprocessing(network: nn.Module, descr: Any, notes: list[str]) -> nn.Module:
+    if len(descr.outputs) > 1:
+        ids = [str(p.id) for t in descr.outputs for p in t.postprocessing if str(p.id) != "ensure_dtype"]
+        if ids:
+            notes.append(f"the package's postprocessing {ids} (several outputs) is not applied by the network-level "
+                         "metrics; the consumer emulations apply it")
+        return network
     ids = [str(p.id) for p in descr.outputs[0].postprocessing]
     rest = [i for i in ids if i not in ("ensure_dtype", "sigmoid")]
     if rest:
@@ -581,7 +656,11 @@ def _package_subject(source: Path, config: GateConfig, trust_code: bool) -> Gate
                      f"{axes.canonical}")
         network = _AxisAdapter(network, axes)
     network = _wrap_postprocessing(network, descr, notes)
-    channels = _channels(descr.inputs[0])
+    channels = sum(_channels(t) for t in descr.inputs)
+    if len(descr.inputs) > 1 or len(descr.outputs) > 1:
+        notes.append(f"{len(descr.inputs)} input(s) ({', '.join(str(t.id) for t in descr.inputs)}) and "
+                     f"{len(descr.outputs)} output(s): every input is tiled with the same blocks (give one --data "
+                     "per input, in this order); the outputs are measured together, channel after channel")
     # an output k times coarser needs input sizes that are multiples of k
     divisor: tuple[int, ...] | None = tuple(math.lcm(max(1, s), -z if z < 0 else 1)
                                             for s, z in zip(size_step, zoom, strict=True))
