@@ -363,3 +363,15 @@ def test_package_refuses_when_the_gate_fails_and_records_skip_gate(tmp_path: Pat
     assert skipped.exit_code == 0, skipped.output
     gate = rdf_of(tmp_path / "m.zip")["config"]["tilenorm_bmz"]["gate"]
     assert gate["status"] == "skipped" and "--skip-gate" in gate["reason"]
+
+
+def test_every_consumer_is_one_registered_module() -> None:
+    from tilenorm_bmz.bmz import consumers
+    from tilenorm_bmz.config import GATE_CONSUMERS
+
+    assert set(consumers.EMULATIONS) == set(GATE_CONSUMERS) == set(consumers.CONSUMER_LABELS)
+    for name, emulation in consumers.EMULATIONS.items():
+        module = emulation.__module__.rsplit(".", 1)[-1]
+        assert module in ("tiled_predictor", "bioimageio_core", "ilastik", "deepimagej"), (name, module)
+    with pytest.raises(ValueError, match="registered twice"):
+        consumers.register("ilastik", "again")(consumers.EMULATIONS["ilastik"])

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from .._version import __version__
 from ..config import GATE_CONSUMERS, GateConfig
 from ..errors import IntegrityError
+from ..introspect import ceil_to
 from ..metrics import (
     DisparityResult,
     HaloSufficiencyResult,
@@ -74,7 +75,6 @@ from .consumers import (
     CONSUMER_LABELS,
     EMULATIONS,
     ConsumerSeams,
-    ceil_to,
     per_tile_statistics,
     tiled_predictor_region,
     tiled_predictor_tile,
@@ -637,7 +637,8 @@ def _measure_image(
             logger.warning("train/eval disparity not measured on %s: %s", name, e)
 
     spatial = tuple(raw.shape[1:])
-    for consumer, emulate in EMULATIONS.items():  # tilenorm-bmz's own tiling is the "tiled vs whole" check
+    for consumer in (c for c in GATE_CONSUMERS if c in EMULATIONS):  # tilenorm-bmz's: the "tiled vs whole" check
+        emulate = EMULATIONS[consumer]
         if ("tiled_vs_whole" if consumer == "tilenorm-bmz" else "consumers") in on:
             name = "tiled vs whole" if consumer == "tilenorm-bmz" else f"seams in {consumer}"
             try:
