@@ -138,3 +138,17 @@ def test_outputs_on_another_grid_map_losslessly_onto_the_input_grid():
     assert sorted(depth.flatten().tolist()) == sorted(fine.flatten().tolist())  # nothing lost
     assert torch.equal(depth[0, :, 0, 0], fine[0, 0, 0:3, 0])
     assert np.array_equal(to_input_grid(fine.numpy(), (3, 1)), depth.numpy())
+
+
+def test_metrics_take_one_run_context_and_keyword_overrides():
+    from tilenorm_bmz.metrics import RunContext, run_context
+
+    ctx = RunContext(device="cpu", batch_size=3, divisor=4, threshold=0.3)
+    assert run_context(ctx, {"threshold": 0.7}).threshold == 0.7 and run_context(ctx, {}) is ctx
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        run_context(ctx, {"devcie": "cpu"})
+    img = np.random.default_rng(0).random((1, 96, 128), dtype=np.float32)
+    a = tile_mismatch(_net(), img, halo=8, tile=64, offset=32, context=ctx)
+    b = tile_mismatch(_net(), img, halo=8, tile=64, offset=32, device="cpu", batch_size=3, divisor=4, threshold=0.3)
+    assert a.batch_size == b.batch_size == 3 and a.threshold == b.threshold == 0.3 and a.max_dist == b.max_dist
+    assert a.geometry.divisor == (4, 4)

@@ -216,6 +216,7 @@ def measure_variant(
     from .introspect import resolve_device
     from .metrics import (
         NormTrainMode,
+        RunContext,
         TilewiseNormalized,
         dice,
         tile_mismatch,
@@ -258,15 +259,14 @@ def measure_variant(
         dice_train = [float(v) for v in dice(pred_train, targets, ms.threshold, channel_axis=0)]
     else:
         dice_train = list(dice_eval)  # no running statistics: train mode computes the same
+    run = RunContext(device=dev, divisor=divisor, threshold=ms.threshold)
     disp = train_eval_disparity(net, image, batch_size=cfg.batch_size, n_tiles=ms.disparity_tiles,
-                                tile_shape=cfg.data.tile_shape, seed=0, threshold=ms.threshold, device=dev,
-                                divisor=divisor)
+                                tile_shape=cfg.data.tile_shape, seed=0, context=run)
     mm = tile_mismatch(net, image, halo=halo, crop_shape=ms.mismatch_crop, stride=ms.mismatch_stride,
-                       tile=ms.mismatch_tile, offset=ms.mismatch_offset, device=dev, threshold=ms.threshold,
-                       divisor=divisor, max_crops=ms.max_crops, progress=progress)
+                       tile=ms.mismatch_tile, offset=ms.mismatch_offset, max_crops=ms.max_crops, context=run,
+                       progress=progress)
     sizes = ms.sweep_sizes or _default_sweep(image.shape[1:], halo, divisor)
-    sweep = tile_size_sweep(net, image, targets, halo=halo, tile_sizes=sizes, threshold=ms.threshold,
-                            device=dev, divisor=divisor)
+    sweep = tile_size_sweep(net, image, targets, halo=halo, tile_sizes=sizes, context=run)
     if figures_dir is not None:
         _variant_figures(figures_dir, dataset.name, variant.name, mm, disp)
     log_rows = info.extra.get("train_seconds")

@@ -53,6 +53,7 @@ from ..introspect import ceil_to
 from ..metrics import (
     DisparityResult,
     HaloSufficiencyResult,
+    RunContext,
     SweepResult,
     TileMismatchResult,
     halo_sufficiency,
@@ -604,14 +605,16 @@ def _measure_image(
     from ..introspect import resolve_device
 
     on, net, dev = set(cfg.checks), subject.network, resolve_device(cfg.device)
+    # how every metric of this image runs: one context
+    run = RunContext(device=dev, batch_size=cfg.batch_size, divisor=subject.divisor, threshold=cfg.threshold,
+                     progress=progress)
     out = _ImageMeasurement(record=GateImage(name=name, shape=tuple(raw.shape), received=received))
     rec = out.record
     if "tile_mismatch" in on:
         try:
             out.mismatch = timer(
                 "tile mismatch", tile_mismatch, net, image, halo=halo, crop_shape=cfg.crop_shape, stride=cfg.stride,
-                tile=cfg.tile, offset=cfg.offset, device=dev, batch_size=cfg.batch_size, threshold=cfg.threshold,
-                divisor=subject.divisor, max_crops=cfg.max_crops, progress=progress,
+                tile=cfg.tile, offset=cfg.offset, max_crops=cfg.max_crops, context=run,
                 tile_shape=subject.fixed_shape)  # a fixed size: both tiles have exactly it
             rec.max_dist, rec.mismatch = out.mismatch.max_dist, out.mismatch.mismatch
         except ValueError as e:
@@ -628,8 +631,7 @@ def _measure_image(
                 raise ValueError(f"the image {raw.shape[1:]} is smaller than the network's fixed input {edges}")
             out.disparity = timer(
                 "train/eval disparity", train_eval_disparity, net, image, batch_size=cfg.disparity_batch_size,
-                n_tiles=n_tiles, tile_shape=whole if n_tiles == 1 else edge,
-                threshold=cfg.threshold, device=dev, divisor=subject.divisor, progress=progress,
+                n_tiles=n_tiles, tile_shape=whole if n_tiles == 1 else edge, context=run,
                 output="regression" if output_kind == "regression" else "probability")
             rec.disparity = out.disparity.disparity
         except ValueError as e:  # e.g. an image too small for train-mode statistics
@@ -669,8 +671,7 @@ def _measure_image(
             sizes = [tuple(sizes_r)]
         try:
             sweep = timer("tile-size sweep", tile_size_sweep, net, subject.preprocess(raw_r), target_r, halo=halo,
-                          tile_sizes=sizes, threshold=cfg.threshold, batch_size=cfg.batch_size, device=dev,
-                          divisor=subject.divisor, progress=progress)
+                          tile_sizes=sizes, context=run)
         except ValueError as e:
             out.not_run["tile-size sweep"] = f"{name}: {e}"
             logger.warning("tile-size sweep not run on %s: %s", name, e)

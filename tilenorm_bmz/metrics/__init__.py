@@ -8,6 +8,10 @@ Predictions run with torch on ``device`` (``"auto"``: CUDA when available), tile
 is an ``nn.Module`` (eval mode, restored afterwards) or, for every metric but the disparity, any callable
 mapping a float32 tensor ``(N, C, *s)`` to ``(N, C_out, *s)``, so the metrics run on any predictor.
 
+How a metric runs (device, tiles per forward pass, the network's divisor, the binarization threshold, progress
+bars) is one :class:`RunContext` shared by the metrics of a run (``context=``); each field may also be given as
+a keyword argument, which overrides the context's.
+
 A validation gate is a composition of these functions::
 
     rf = receptive_field(model, dims)
@@ -20,7 +24,7 @@ A validation gate is a composition of these functions::
     ]
 """
 
-from ._common import MetricResult, resolve_device
+from ._common import MetricResult, RunContext, RunOptions, resolve_device, run_context
 from .dice import dice
 from .disparity import DisparityFigure, DisparityResult, norm_layers, train_eval_disparity
 from .halo import COUPLED, HaloSufficiencyResult, halo_sufficiency
@@ -39,6 +43,8 @@ __all__ = [
     "MismatchFigure",
     "MismatchGeometry",
     "NormTrainMode",
+    "RunContext",
+    "RunOptions",
     "SeamFigure",
     "SweepPoint",
     "SweepResult",
@@ -50,6 +56,7 @@ __all__ = [
     "mismatch_geometry",
     "norm_layers",
     "resolve_device",
+    "run_context",
     "tile_mismatch",
     "tile_size_sweep",
     "tiled_vs_whole",

@@ -9,9 +9,11 @@ form lets the metrics run on the outputs of any predictor (a bioimage.io backend
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -25,6 +27,9 @@ __all__ = [
     "ArrayLike",
     "MetricResult",
     "Predictor",
+    "RunContext",
+    "RunOptions",
+    "run_context",
     "as_numpy",
     "as_spatial_tuple",
     "eval_mode",
@@ -42,6 +47,51 @@ logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | Tensor
 Predictor = nn.Module | Callable[[Tensor], Any]
+
+
+class RunOptions(TypedDict, total=False):
+    """The :class:`RunContext` fields as keyword arguments of a metric (each overrides the context's)."""
+
+    device: str | torch.device
+    batch_size: int
+    divisor: int | Sequence[int] | None
+    threshold: float
+    progress: bool
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """How the metrics of one run execute, in one object instead of the same parameters on every metric.
+
+    A gate (or a study) makes one and hands it to every metric; a metric also takes the fields as keyword
+    arguments (:class:`RunOptions`), which override the context's.
+    """
+
+    device: str | torch.device = "auto"
+    """``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ..."""
+    batch_size: int | None = None
+    """Tiles per forward pass (None: the metric's own default). Only speed and memory depend on it, except for
+    the train/eval disparity, whose batch composition is part of the measurement and is its own parameter."""
+    divisor: int | Sequence[int] | None = None
+    """The network's size multiple per axis (None: ``model.divisor`` or 1)."""
+    threshold: float = 0.5
+    """Binarization threshold of probability outputs (Dice)."""
+    progress: bool = False
+    """Show progress bars."""
+
+    def batch(self, default: int) -> int:
+        """The batch size, or the metric's ``default`` when the context leaves it open."""
+        return default if self.batch_size is None else self.batch_size
+
+
+def run_context(context: RunContext | None, options: Mapping[str, Any]) -> RunContext:
+    """``context`` (default: :class:`RunContext`) with the keyword ``options`` applied; unknown names raise."""
+    unknown = set(options) - set(RunOptions.__annotations__)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; the run options are "
+                        f"{sorted(RunOptions.__annotations__)}")
+    base = context or RunContext()
+    return dataclasses.replace(base, **options) if options else base
 
 
 class MetricResult(BaseModel):

@@ -34,7 +34,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 import numpy as np
 import torch
@@ -44,6 +44,8 @@ from torch import Tensor, nn
 from ._common import (
     ArrayLike,
     MetricResult,
+    RunContext,
+    RunOptions,
     as_numpy,
     as_spatial_tuple,
     model_divisor,
@@ -51,6 +53,7 @@ from ._common import (
     predict_batched,
     resolve_device,
     round_down,
+    run_context,
     track,
 )
 from .dice import binarize
@@ -224,11 +227,9 @@ def train_eval_disparity(
     n_tiles: int = 4,
     tile_shape: int | Sequence[int] | None = None,
     seed: int = 0,
-    threshold: float = 0.5,
-    device: str | torch.device = "auto",
-    divisor: int | Sequence[int] | None = None,
-    progress: bool = False,
     output: Literal["probability", "regression"] = "probability",
+    context: RunContext | None = None,
+    **options: Unpack[RunOptions],
 ) -> DisparityResult:
     """Measure train/eval disparity ``1 - dice(P_train, P_eval)`` per output channel.
 
@@ -246,20 +247,17 @@ def train_eval_disparity(
         ``list(stack)`` for a stacked array).
     batch_size
         Tiles per forward pass. In train mode BatchNorm normalizes with the statistics of the batch, so
-        this is part of the measurement (one tile per batch by default, like 3D training with batch 1).
+        this is part of the measurement (one tile per batch by default, like 3D training with batch 1); the
+        context's batch size does not change it.
     n_tiles, tile_shape, seed
         Tile sampling from an image (default tile: 192 per axis, clipped to the image, rounded down to
         the network divisor).
-    threshold
-        Binarization threshold of the predictions.
-    device
-        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
-    divisor
-        Size multiple of the network per axis (default: ``model.divisor`` or 1).
-    progress
-        Show a progress bar over the batches.
     output
-        ``probability`` (binarized at ``threshold``, Dice) or ``regression`` (relative mean difference).
+        ``probability`` (binarized at the threshold, Dice) or ``regression`` (relative mean difference).
+    context, options
+        How it runs (:class:`~tilenorm_bmz.metrics.RunContext`: device, the network's size multiple per axis
+        (default ``model.divisor`` or 1), the binarization threshold, a progress bar over the batches); keyword
+        options override the context's fields.
 
     Returns
     -------
@@ -271,9 +269,11 @@ def train_eval_disparity(
             f"train_eval_disparity needs a torch.nn.Module (it switches the normalization to train mode), "
             f"got {type(model).__name__}"
         )
+    ctx = run_context(context, options)
+    threshold, divisor, progress = ctx.threshold, ctx.divisor, ctx.progress
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev = resolve_device(device)
+    dev = resolve_device(ctx.device)
 
     origins: list[tuple[int, ...]] | None
     if isinstance(data, np.ndarray | Tensor):

@@ -32,6 +32,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Unpack
 
 import numpy as np
 import torch
@@ -41,6 +42,8 @@ from ._common import (
     ArrayLike,
     MetricResult,
     Predictor,
+    RunContext,
+    RunOptions,
     as_numpy,
     as_spatial_tuple,
     ceil_to,
@@ -50,6 +53,7 @@ from ._common import (
     predict_batched,
     resolve_device,
     round_down,
+    run_context,
     track,
 )
 from .dice import binarize, dice_torch
@@ -422,13 +426,10 @@ def tile_mismatch(
     stride: int | Sequence[int] = DEFAULT_STRIDE,
     tile: int | None = None,
     offset: int | None = None,
-    device: str | torch.device = "auto",
-    batch_size: int = 2,
-    threshold: float = 0.5,
-    divisor: int | Sequence[int] | None = None,
     max_crops: int | None = None,
-    progress: bool = False,
     tile_shape: Sequence[int] | None = None,
+    context: RunContext | None = None,
+    **options: Unpack[RunOptions],
 ) -> TileMismatchResult:
     """Measure tile mismatch as in the paper's Fig. 3.
 
@@ -443,18 +444,13 @@ def tile_mismatch(
         Voxels dropped next to each tile's inner border (the halo the network is tiled with).
     crop_shape, stride, tile, offset, max_crops
         Crop grid and tile split; see :func:`mismatch_geometry` (defaults: the paper's).
-    device
-        ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ...
-    batch_size
-        Tiles per forward pass (tiles are independent in eval mode, so this changes only speed/memory).
-    threshold
-        Binarization threshold for the Dice-based mismatch.
-    divisor
-        Size multiple of the network per axis (default: ``model.divisor`` or 1).
-    progress
-        Show a progress bar over the crops.
     tile_shape
         Tiles of exactly this shape, for a network that runs at one size (see :func:`mismatch_geometry`).
+    context, options
+        How it runs (:class:`~tilenorm_bmz.metrics.RunContext`: device, tiles per forward pass (default 2;
+        tiles are independent in eval mode, so only speed and memory depend on it), the network's divisor
+        (default ``model.divisor`` or 1), the Dice threshold, a progress bar over the crops); keyword options
+        override the context's fields.
 
     Returns
     -------
@@ -470,17 +466,19 @@ def tile_mismatch(
     >>> r.seamless
     True
     """
+    ctx = run_context(context, options)
+    batch_size, threshold, progress = ctx.batch(2), ctx.threshold, ctx.progress
     img = as_numpy(image, "image")
     if img.ndim < 2:
         raise ValueError(f"image must be (C, *spatial), got shape {img.shape}")
     if img.dtype != np.float32:
         img = img.astype(np.float32)
     dims = img.ndim - 1
-    dev = resolve_device(device)
+    dev = resolve_device(ctx.device)
     geometry = mismatch_geometry(
         img.shape[1:],
         halo=halo,
-        divisor=model_divisor(model, dims, divisor),
+        divisor=model_divisor(model, dims, ctx.divisor),
         crop_shape=crop_shape,
         stride=stride,
         tile=tile,

@@ -8,8 +8,9 @@ per-tile padding or per-tile normalization shows up as a non-zero difference, lo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Unpack
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 from ._common import (
     ArrayLike,
     MetricResult,
+    RunContext,
+    RunOptions,
     as_numpy,
     ceil_to,
     eval_mode,
@@ -27,6 +30,7 @@ from ._common import (
     on_device,
     predict_batched,
     resolve_device,
+    run_context,
 )
 
 __all__ = ["SeamFigure", "TiledVsWholeResult", "tiled_vs_whole"]
@@ -101,9 +105,9 @@ def tiled_vs_whole(
     predict_whole: nn.Module | ImagePredictor,
     image: ArrayLike,
     *,
-    device: str | torch.device = "auto",
-    divisor: int | Sequence[int] | None = None,
     max_voxels: int | None = None,
+    context: RunContext | None = None,
+    **options: Unpack[RunOptions],
 ) -> TiledVsWholeResult:
     """Compare a tiled prediction of ``image`` with the prediction of the whole image at once.
 
@@ -117,14 +121,13 @@ def tiled_vs_whole(
         ``predict_tiled`` that predicts the whole image in one piece.
     image
         Globally normalized image ``(C, *spatial)``.
-    device
-        Device for the whole-image prediction of an ``nn.Module``.
-    divisor
-        Size multiple of an ``nn.Module`` ``predict_whole`` (default: its ``divisor`` or 1): the image is
-        zero-padded once at its end to a multiple for the whole-image pass and the output cropped back,
-        which is what :class:`~tilenorm_bmz.tiling.TiledPredictor` does at the image border.
     max_voxels
         Skip (with a reason) when the image has more spatial voxels than this.
+    context, options
+        How it runs (:class:`~tilenorm_bmz.metrics.RunContext`): the device of the whole-image prediction of an
+        ``nn.Module``, and its size multiple (default: its ``divisor`` or 1): the image is zero-padded once at
+        its end to a multiple for the whole-image pass and the output cropped back, which is what
+        :class:`~tilenorm_bmz.tiling.TiledPredictor` does at the image border.
 
     Returns
     -------
@@ -134,7 +137,8 @@ def tiled_vs_whole(
     img = as_numpy(image, "image").astype(np.float32, copy=False)
     if img.ndim < 2:
         raise ValueError(f"image must be (C, *spatial), got shape {img.shape}")
-    dev = resolve_device(device)
+    ctx = run_context(context, options)
+    dev, divisor = resolve_device(ctx.device), ctx.divisor
     spatial = tuple(int(s) for s in img.shape[1:])
     if max_voxels is not None and int(np.prod(spatial)) > max_voxels:
         return TiledVsWholeResult(

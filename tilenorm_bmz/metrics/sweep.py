@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, Unpack
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from ._common import (
     ArrayLike,
     MetricResult,
     Predictor,
+    RunContext,
+    RunOptions,
     as_numpy,
     as_spatial_tuple,
     ceil_to,
@@ -29,6 +31,7 @@ from ._common import (
     model_divisor,
     resolve_device,
     round_down,
+    run_context,
     track,
 )
 from .dice import dice
@@ -133,12 +136,9 @@ def tile_size_sweep(
     *,
     halo: int | Sequence[int],
     tile_sizes: Sequence[int | Sequence[int]] = DEFAULT_SWEEP_SIZES,
-    threshold: float = 0.5,
-    batch_size: int = 1,
-    device: str | torch.device = "auto",
-    divisor: int | Sequence[int] | None = None,
     predictor_factory: PredictorFactory | None = None,
-    progress: bool = False,
+    context: RunContext | None = None,
+    **options: Unpack[RunOptions],
 ) -> SweepResult:
     """Score tiled predictions of ``image`` over several tile sizes (the paper's Fig. 6).
 
@@ -157,24 +157,25 @@ def tile_size_sweep(
         Tile edges (int: the same on every axis) or shapes. Rounded down to the divisor, clipped to the
         image (a tile as large as the image is the whole-image prediction); sizes below
         ``2 * halo + divisor`` are skipped and listed in ``skipped_sizes``.
-    threshold, batch_size, device, divisor
-        Binarization threshold; tiles per forward pass; ``"auto"``/``"cpu"``/``"cuda"``; network size
-        multiple (default ``model.divisor`` or 1).
     predictor_factory
         ``tile_shape -> (image -> prediction)``; default: :class:`tilenorm_bmz.tiling.TiledPredictor`
-        with ``halo``, ``batch_size`` and ``device``. Pass one to sweep another predictor (a consumer
+        with ``halo`` and the context's batch size and device. Pass one to sweep another predictor (a consumer
         emulation).
-    progress
-        Show a progress bar over the tile sizes.
+    context, options
+        How it runs (:class:`~tilenorm_bmz.metrics.RunContext`: binarization threshold, tiles per forward
+        pass (default 1), device, the network's size multiple (default ``model.divisor`` or 1), a progress bar
+        over the tile sizes); keyword options override the context's fields.
     """
+    ctx = run_context(context, options)
+    threshold, batch_size, progress = ctx.threshold, ctx.batch(1), ctx.progress
     img = as_numpy(image, "image").astype(np.float32, copy=False)
     if img.ndim < 2:
         raise ValueError(f"image must be (C, *spatial), got shape {img.shape}")
     spatial = tuple(int(s) for s in img.shape[1:])
     dims = len(spatial)
     halos = as_spatial_tuple(halo, dims, "halo")
-    div = model_divisor(model, dims, divisor)
-    dev = resolve_device(device)
+    div = model_divisor(model, dims, ctx.divisor)
+    dev = resolve_device(ctx.device)
     lab = None
     if labels is not None:
         lab = as_numpy(labels, "labels")
