@@ -375,3 +375,23 @@ def test_every_consumer_is_one_registered_module() -> None:
         assert module in ("tiled_predictor", "bioimageio_core", "ilastik", "deepimagej"), (name, module)
     with pytest.raises(ValueError, match="registered twice"):
         consumers.register("ilastik", "again")(consumers.EMULATIONS["ilastik"])
+
+
+def test_every_check_is_one_registered_part(monkeypatch: pytest.MonkeyPatch, brn_checkpoint: Path,
+                                            image: np.ndarray) -> None:
+    """The gate's checks come from its parts, in one place: a part added there measures every image and decides."""
+    from tilenorm_bmz.bmz import gate
+    from tilenorm_bmz.report import Check
+
+    seen: list[tuple[int, ...]] = []
+
+    class Extra:
+        def measure(self, run, item, out):
+            seen.append(item.image.shape)
+
+        def decide(self, run, measured):
+            return [Check(name="extra", measured=len(measured), threshold="1", passed=True)]
+
+    monkeypatch.setattr(gate, "GATE_PARTS", (*gate.GATE_PARTS, Extra()))
+    report = validate_package(brn_checkpoint, [image, image], config=GateConfig(checks=["halo"]))
+    assert seen == [(1, 96, 104)] * 2 and report.checks[-1].name == "extra" and report.checks[-1].measured == 2

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field
@@ -596,31 +596,115 @@ def _check_received(subject: GateSubject, cfg: GateConfig, name: str, raw: np.nd
     return received
 
 
-def _measure_image(
-    subject: GateSubject, cfg: GateConfig, name: str, raw: np.ndarray, image: np.ndarray,
-    target: tuple[str, np.ndarray] | None, halo: tuple[int, ...], timer: _Timer, warnings: list[str],
-    progress: bool, received: ReceivedInput, output_kind: str = "probability",
-) -> _ImageMeasurement:
-    """Every per-image metric of the gate on one raw image ``(C, *spatial)`` and its preprocessed ``image``."""
-    from ..introspect import resolve_device
+@dataclass(eq=False)
+class GateRun:
+    """What every part of one gate run shares: the subject, the settings, the halo and receptive field, how the
+    metrics run (one :class:`~tilenorm_bmz.metrics.RunContext`), the timer, the warnings, and the parts' worst
+    results for the report."""
 
-    on, net, dev = set(cfg.checks), subject.network, resolve_device(cfg.device)
-    # how every metric of this image runs: one context
-    run = RunContext(device=dev, batch_size=cfg.batch_size, divisor=subject.divisor, threshold=cfg.threshold,
-                     progress=progress)
-    out = _ImageMeasurement(record=GateImage(name=name, shape=tuple(raw.shape), received=received))
-    rec = out.record
-    if "tile_mismatch" in on:
+    subject: GateSubject
+    config: GateConfig
+    halo: tuple[int, ...]
+    rf: Any
+    metrics: RunContext
+    timer: _Timer
+    warnings: list[str]
+    output_kind: str
+    progress: bool
+    image_names: list[str]
+    test: PackageTestSummary | None = None
+    halo_result: HaloSufficiencyResult | None = None
+    worst: dict[str, Any] = field(default_factory=dict)
+    """Each part's worst result over the images (``tile_mismatch``, ``disparity``, ``sweep``, ``consumers``)."""
+
+    @property
+    def on(self) -> set[str]:
+        return set(self.config.checks)
+
+    @property
+    def relative(self) -> bool:
+        """Regression outputs: values compared relative to the output range."""
+        return self.output_kind == "regression"
+
+    def where(self, index: int, check: Check) -> Check:
+        """The check, naming the worst image when there are several."""
+        if len(self.image_names) < 2:
+            return check
+        return _with(check, details=f"{check.details} (worst image: {self.image_names[index]})")
+
+    @property
+    def not_run(self) -> dict[str, str]:
+        return self.worst.setdefault("not_run", {})
+
+
+@dataclass(frozen=True, eq=False)
+class GateInput:
+    """One image as the parts measure it: raw, preprocessed, its targets, what the network received."""
+
+    name: str
+    raw: np.ndarray
+    image: np.ndarray
+    target: tuple[str, np.ndarray] | None
+    received: ReceivedInput
+
+
+class GatePart(Protocol):
+    """One part of the gate: what it measures on every image, and the checks it decides from all of them."""
+
+    def measure(self, run: GateRun, item: GateInput, out: _ImageMeasurement) -> None: ...
+
+    def decide(self, run: GateRun, measured: Sequence[_ImageMeasurement]) -> list[Check]: ...
+
+
+class _BioimageioPart:
+    """The package's own bioimage.io test (run once, before the images)."""
+
+    def measure(self, run: GateRun, item: GateInput, out: _ImageMeasurement) -> None:
+        return None
+
+    def decide(self, run: GateRun, measured: Sequence[_ImageMeasurement]) -> list[Check]:
+        check = _bioimageio_check(run.test, run.subject, run.config)
+        return [] if check is None else [check]
+
+
+class _TileMismatchPart:
+    """Two overlapping tiles agree in their valid overlap (paper Fig. 3)."""
+
+    def measure(self, run: GateRun, item: GateInput, out: _ImageMeasurement) -> None:
+        if "tile_mismatch" not in run.on:
+            return
+        cfg, subject = run.config, run.subject
         try:
-            out.mismatch = timer(
-                "tile mismatch", tile_mismatch, net, image, halo=halo, crop_shape=cfg.crop_shape, stride=cfg.stride,
-                tile=cfg.tile, offset=cfg.offset, max_crops=cfg.max_crops, context=run,
+            out.mismatch = run.timer(
+                "tile mismatch", tile_mismatch, subject.network, item.image, halo=run.halo, crop_shape=cfg.crop_shape,
+                stride=cfg.stride, tile=cfg.tile, offset=cfg.offset, max_crops=cfg.max_crops, context=run.metrics,
                 tile_shape=subject.fixed_shape)  # a fixed size: both tiles have exactly it
-            rec.max_dist, rec.mismatch = out.mismatch.max_dist, out.mismatch.mismatch
+            out.record.max_dist, out.record.mismatch = out.mismatch.max_dist, out.mismatch.mismatch
         except ValueError as e:
-            out.not_run["tile mismatch"] = f"{name}: {e}"
-            logger.warning("tile mismatch not measured on %s: %s", name, e)
-    if "disparity" in on:
+            out.not_run["tile mismatch"] = f"{item.name}: {e}"
+            logger.warning("tile mismatch not measured on %s: %s", item.name, e)
+
+    def decide(self, run: GateRun, measured: Sequence[_ImageMeasurement]) -> list[Check]:
+        results = [m.mismatch for m in measured]
+        worst = run.worst["tile_mismatch"] = _worst(
+            results, lambda r: r.relative_max_dist if run.relative else r.max_dist)
+        if "tile_mismatch" not in run.on:
+            return []
+        if worst is None:
+            return [Check(name="tile mismatch", measured=None, threshold=f"max_dist <= {run.config.max_dist:g}",
+                          passed=None, advice=run.not_run.get("tile mismatch", ""))]
+        cause = seam_cause(run.subject.network, run.rf, run.halo)
+        return [run.where(results.index(worst), check_tile_mismatch(worst, run.config.max_dist, cause,
+                                                                    relative=run.relative))]
+
+
+class _DisparityPart:
+    """Train/eval disparity of the normalization layers (where a train mode exists)."""
+
+    def measure(self, run: GateRun, item: GateInput, out: _ImageMeasurement) -> None:
+        if "disparity" not in run.on:
+            return
+        cfg, subject, raw = run.config, run.subject, item.raw
         edge: int | tuple[int, ...] = subject.fixed_shape or cfg.disparity_tile or (192 if subject.dims == 2 else 64)
         edges = edge if isinstance(edge, tuple) else (edge,) * subject.dims
         # tiles as large as the image are all the same tile: measure it once
@@ -629,57 +713,163 @@ def _measure_image(
         try:
             if subject.fixed_shape and any(s < e for s, e in zip(raw.shape[1:], edges, strict=True)):
                 raise ValueError(f"the image {raw.shape[1:]} is smaller than the network's fixed input {edges}")
-            out.disparity = timer(
-                "train/eval disparity", train_eval_disparity, net, image, batch_size=cfg.disparity_batch_size,
-                n_tiles=n_tiles, tile_shape=whole if n_tiles == 1 else edge, context=run,
-                output="regression" if output_kind == "regression" else "probability")
-            rec.disparity = out.disparity.disparity
+            out.disparity = run.timer(
+                "train/eval disparity", train_eval_disparity, subject.network, item.image,
+                batch_size=cfg.disparity_batch_size, n_tiles=n_tiles, tile_shape=whole if n_tiles == 1 else edge,
+                context=run.metrics, output="regression" if run.relative else "probability")
+            out.record.disparity = out.disparity.disparity
         except ValueError as e:  # e.g. an image too small for train-mode statistics
-            out.not_run["train/eval disparity"] = f"{name}: {' '.join(str(e).split())}"
-            logger.warning("train/eval disparity not measured on %s: %s", name, e)
+            out.not_run["train/eval disparity"] = f"{item.name}: {' '.join(str(e).split())}"
+            logger.warning("train/eval disparity not measured on %s: %s", item.name, e)
 
-    spatial = tuple(raw.shape[1:])
-    for consumer in (c for c in GATE_CONSUMERS if c in EMULATIONS):  # tilenorm-bmz's: the "tiled vs whole" check
-        emulate = EMULATIONS[consumer]
-        if ("tiled_vs_whole" if consumer == "tilenorm-bmz" else "consumers") in on:
-            name = "tiled vs whole" if consumer == "tilenorm-bmz" else f"seams in {consumer}"
+    def decide(self, run: GateRun, measured: Sequence[_ImageMeasurement]) -> list[Check]:
+        results = [m.disparity for m in measured]
+        worst = run.worst["disparity"] = _worst(results, lambda r: r.max_disparity)
+        if worst is None:
+            return []
+        check = check_disparity(worst, run.config.max_disparity)
+        if not worst.applicable and not norm_layers(run.subject.network)[0]:
+            check = _with(check, advice=f"not applicable: {worst.reason}")
+        return [run.where(results.index(worst), check)]
+
+
+class _ConsumersPart:
+    """Seams as each registered consumer (:mod:`.consumers`) tiles the package; tilenorm-bmz's own is the
+    "tiled vs whole" check."""
+
+    def measure(self, run: GateRun, item: GateInput, out: _ImageMeasurement) -> None:
+        subject = run.subject
+        for consumer in (c for c in GATE_CONSUMERS if c in EMULATIONS):
+            if ("tiled_vs_whole" if consumer == "tilenorm-bmz" else "consumers") not in run.on:
+                continue
+            step = "tiled vs whole" if consumer == "tilenorm-bmz" else f"seams in {consumer}"
             try:
-                out.consumers.append(timer(name, emulate, subject, raw, halo=halo, config=cfg, device=str(dev),
-                                           progress=progress))
+                out.consumers.append(run.timer(step, EMULATIONS[consumer], subject, item.raw, halo=run.halo,
+                                               config=run.config, device=str(run.metrics.device),
+                                               progress=run.progress))
             except (ValueError, RuntimeError) as e:  # the consumer cannot run this package: said, not a crash
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]  # TorchScript: the cause is last
                 reason = f"{consumer} could not run the package: {(lines[-1] if lines else type(e).__name__)[:400]}"
-                logger.warning("%s: %s", name, reason)
+                logger.warning("%s: %s", step, reason)
                 out.consumers.append(ConsumerSeams(consumer=consumer, applicable=False, reason=reason))
-    for r in out.consumers:
-        rec.seams[r.consumer] = r.max_abs_diff
-        if not r.applicable and subject.is_package:
-            warnings.append(f"{r.consumer} not emulated on {name}: {r.reason}")
+        for r in out.consumers:
+            out.record.seams[r.consumer] = r.max_abs_diff
+            if not r.applicable and subject.is_package:
+                run.warnings.append(f"{r.consumer} not emulated on {item.name}: {r.reason}")
 
-    # tile-size sweep (and Dice against the labels at its largest tile) on the central region
-    if subject.fixed_shape is not None and "sweep" in on:
-        out.not_run["tile-size sweep"] = (f"the package's input has one size ({'x'.join(map(str, subject.fixed_shape))}"
-                                          "): every consumer tiles with it")
-    elif "sweep" in on or (target is not None and "dice" in on):
-        sizes_r = tiled_predictor_region(spatial, halo, subject.divisor, cfg.region_voxels)
+    def decide(self, run: GateRun, measured: Sequence[_ImageMeasurement]) -> list[Check]:
+        by_consumer: dict[str, list[ConsumerSeams]] = {}
+        for m in measured:
+            for r in m.consumers:
+                by_consumer.setdefault(r.consumer, []).append(r)
+        run.worst["consumers"] = [_worst(runs, lambda r: r.max_abs_diff) for runs in by_consumer.values()]
+        ours = _worst(by_consumer.get("tilenorm-bmz", []), lambda r: r.max_abs_diff)
+        cause = seam_cause(run.subject.network, run.rf, run.halo)
+        checks = []
+        for consumer in GATE_CONSUMERS:
+            runs = by_consumer.get(consumer)
+            if runs:
+                worst = _worst(runs, lambda r: r.max_abs_diff)
+                checks.append(run.where(runs.index(worst), _consumer_check(
+                    worst, run.config, ours, run.subject, run.warnings, cause, relative=run.relative)))
+        return checks
+
+
+class _HaloPart:
+    """The declared halo covers the measured receptive field (measured once, before the images)."""
+
+    def measure(self, run: GateRun, item: GateInput, out: _ImageMeasurement) -> None:
+        return None
+
+    def decide(self, run: GateRun, measured: Sequence[_ImageMeasurement]) -> list[Check]:
+        if run.halo_result is None:
+            return []
+        check = check_halo(run.halo_result)
+        return [check if run.config.require_sufficient_halo else _with(check, informational=True)]
+
+
+class _SweepPart:
+    """Segmentation vs tile size (paper Fig. 6) on the central region, and Dice against labels at its largest
+    tile."""
+
+    def measure(self, run: GateRun, item: GateInput, out: _ImageMeasurement) -> None:
+        subject, cfg, on, raw, target = run.subject, run.config, run.on, item.raw, item.target
+        if subject.fixed_shape is not None and "sweep" in on:
+            out.not_run["tile-size sweep"] = (f"the package's input has one size "
+                                              f"({'x'.join(map(str, subject.fixed_shape))}): every consumer tiles with it")
+            return
+        if not ("sweep" in on or (target is not None and "dice" in on)):
+            return
+        spatial = tuple(raw.shape[1:])
+        sizes_r = tiled_predictor_region(spatial, run.halo, subject.divisor, cfg.region_voxels)
         region = tuple(slice((s - r) // 2, (s - r) // 2 + r) for s, r in zip(spatial, sizes_r, strict=True))
-        rec.region = tuple((sl.start, sl.stop) for sl in region)
+        out.record.region = tuple((sl.start, sl.stop) for sl in region)
         raw_r = np.ascontiguousarray(raw[(slice(None), *region)])
         target_r = None if target is None else target[1][(slice(None), *region)]
-        sizes: list[Any] = list(cfg.sweep_sizes or _sweep_sizes(sizes_r, halo, subject.divisor))
+        sizes: list[Any] = list(cfg.sweep_sizes or _sweep_sizes(sizes_r, run.halo, subject.divisor))
         if "sweep" not in on:
             sizes = [tuple(sizes_r)]
         try:
-            sweep = timer("tile-size sweep", tile_size_sweep, net, subject.preprocess(raw_r), target_r, halo=halo,
-                          tile_sizes=sizes, context=run)
+            sweep = run.timer("tile-size sweep", tile_size_sweep, subject.network, subject.preprocess(raw_r), target_r,
+                              halo=run.halo, tile_sizes=sizes, context=run.metrics)
         except ValueError as e:
-            out.not_run["tile-size sweep"] = f"{name}: {e}"
-            logger.warning("tile-size sweep not run on %s: %s", name, e)
-        else:
-            if "sweep" in on:
-                out.sweep, rec.sweep_range = sweep, sweep.score_range
-            if target is not None:
-                rec.dice = sweep.points[-1].dice_to_labels
+            out.not_run["tile-size sweep"] = f"{item.name}: {e}"
+            logger.warning("tile-size sweep not run on %s: %s", item.name, e)
+            return
+        if "sweep" in on:
+            out.sweep, out.record.sweep_range = sweep, sweep.score_range
+        if target is not None:
+            out.record.dice = sweep.points[-1].dice_to_labels
+
+    def decide(self, run: GateRun, measured: Sequence[_ImageMeasurement]) -> list[Check]:
+        results = [m.sweep for m in measured]
+        worst = run.worst["sweep"] = _worst(results, lambda r: max(r.score_range) if r.score_range else None)
+        if worst is not None:
+            return [run.where(results.index(worst), check_sweep(worst, run.config.max_sweep_range))]
+        if "sweep" in run.on and "tile-size sweep" in run.not_run:
+            return [Check(name="tile-size sweep", measured=None, passed=None, advice=run.not_run["tile-size sweep"],
+                          informational=True)]
+        return []
+
+
+class _DicePart:
+    """Dice against the labels, when they are given (measured by the sweep part)."""
+
+    def measure(self, run: GateRun, item: GateInput, out: _ImageMeasurement) -> None:
+        return None
+
+    def decide(self, run: GateRun, measured: Sequence[_ImageMeasurement]) -> list[Check]:
+        check = _dice_check([m.record for m in measured], run.config) if "dice" in run.on else None
+        return [] if check is None else [check]
+
+
+class _DeepImageJOperatorsPart:
+    """deepImageJ's libtorch 2.0 knows every operator of the TorchScript (informational)."""
+
+    def measure(self, run: GateRun, item: GateInput, out: _ImageMeasurement) -> None:
+        return None
+
+    def decide(self, run: GateRun, measured: Sequence[_ImageMeasurement]) -> list[Check]:
+        if not run.subject.is_package:
+            return []
+        check = run.timer("deepImageJ operators", _libtorch_check, run.subject.source)
+        return [] if check is None else [check]
+
+
+#: The gate's parts, in the order they measure each image and in which their checks appear in the report.
+#: Adding a check: a part with ``measure`` and ``decide``, one entry here (and its name in ``GateCheck`` when
+#: it can be skipped).
+GATE_PARTS: tuple[GatePart, ...] = (
+    _BioimageioPart(), _TileMismatchPart(), _DisparityPart(), _ConsumersPart(), _HaloPart(), _SweepPart(),
+    _DicePart(), _DeepImageJOperatorsPart(),
+)
+
+
+def _measure_image(run: GateRun, item: GateInput) -> _ImageMeasurement:
+    """Every part's measurement on one image."""
+    out = _ImageMeasurement(record=GateImage(name=item.name, shape=tuple(item.raw.shape), received=item.received))
+    for part in GATE_PARTS:
+        part.measure(run, item, out)
     return out
 
 
@@ -803,81 +993,30 @@ def validate_package(
     if output_kind == "regression":
         warnings.append("the outputs are not probabilities (values outside [0, 1]): tile mismatch, seams and "
                         "disparity are judged relative to the output range, not binarized")
+    run = GateRun(subject=subject, config=cfg, halo=halo, rf=rf, timer=timer, warnings=warnings,
+                  output_kind=output_kind, progress=progress, image_names=[label for label, _, _ in images],
+                  test=test, halo_result=halo_result,
+                  metrics=RunContext(device=dev, batch_size=cfg.batch_size, divisor=subject.divisor,
+                                     threshold=cfg.threshold, progress=progress))
     measured = [
-        _measure_image(subject, cfg, label, raw, image, target, halo, timer, warnings, progress, received,
-                       output_kind)
+        _measure_image(run, GateInput(name=label, raw=raw, image=image, target=target, received=received))
         for (label, raw, _), (image, received), target in zip(images, prepared, targets, strict=True)
     ]
-    per_image = [m.record for m in measured]
-    mismatches = [m.mismatch for m in measured]
-    disparities = [m.disparity for m in measured]
-    sweeps = [m.sweep for m in measured]
-    consumer_runs: dict[str, list[ConsumerSeams]] = {}
-    not_run: dict[str, str] = {}
     for m in measured:
-        not_run.update(m.not_run)
-        for r in m.consumers:
-            consumer_runs.setdefault(r.consumer, []).append(r)
-    has_train_mode = bool(norm_layers(net)[0])
+        run.not_run.update(m.not_run)
 
     # decide -------------------------------------------------------------------------------------------------
-    checks: list[Check] = []
-    bio = _bioimageio_check(test, subject, cfg)
-    if bio is not None:
-        checks.append(bio)
-    multi = len(images) > 1
-
-    def where(index: int, check: Check) -> Check:
-        return _with(check, details=f"{check.details} (worst image: {images[index][0]})") if multi else check
-
-    relative = output_kind == "regression"
-    cause = seam_cause(net, rf, halo)
-    mm_worst = _worst(mismatches, lambda r: r.relative_max_dist if relative else r.max_dist)
-    if "tile_mismatch" in checks_on:
-        if mm_worst is not None:
-            checks.append(where(mismatches.index(mm_worst),
-                                check_tile_mismatch(mm_worst, cfg.max_dist, cause, relative=relative)))
-        else:
-            checks.append(Check(name="tile mismatch", measured=None, threshold=f"max_dist <= {cfg.max_dist:g}",
-                                passed=None, advice=not_run.get("tile mismatch", "")))
-    disp_worst = _worst(disparities, lambda r: r.max_disparity)
-    if disp_worst is not None:
-        check = check_disparity(disp_worst, cfg.max_disparity)
-        if not disp_worst.applicable and not has_train_mode:
-            check = _with(check, advice=f"not applicable: {disp_worst.reason}")
-        checks.append(where(disparities.index(disp_worst), check))
-    ours_all = consumer_runs.get("tilenorm-bmz", [])
-    ours = _worst(ours_all, lambda r: r.max_abs_diff)
-    for consumer in GATE_CONSUMERS:
-        runs = consumer_runs.get(consumer)
-        if runs:
-            worst = _worst(runs, lambda r: r.max_abs_diff)
-            checks.append(where(runs.index(worst), _consumer_check(worst, cfg, ours, subject, warnings, cause,
-                                                                   relative=relative)))
-    if halo_result is not None:
-        check = check_halo(halo_result)
-        checks.append(check if cfg.require_sufficient_halo else _with(check, informational=True))
-    sw_worst = _worst(sweeps, lambda r: max(r.score_range) if r.score_range else None)
-    if sw_worst is not None:
-        checks.append(where(sweeps.index(sw_worst), check_sweep(sw_worst, cfg.max_sweep_range)))
-    elif "sweep" in checks_on and "tile-size sweep" in not_run:
-        checks.append(Check(name="tile-size sweep", measured=None, passed=None, advice=not_run["tile-size sweep"],
-                            informational=True))
-    if "dice" in checks_on:
-        dice_check = _dice_check(per_image, cfg)
-        if dice_check is not None:
-            checks.append(dice_check)
-    if subject.is_package:
-        libtorch_check = timer("deepImageJ operators", _libtorch_check, subject.source)
-        if libtorch_check is not None:
-            checks.append(libtorch_check)
-
+    checks = [check for part in GATE_PARTS for check in part.decide(run, measured)]
+    mm_worst, disp_worst, not_run = run.worst.get("tile_mismatch"), run.worst.get("disparity"), run.not_run
+    has_train_mode = bool(norm_layers(net)[0])
     missing = _missing_decisive(subject, cfg, checks_on, mm_worst, disp_worst, has_train_mode, not_run, halo, images)
     if missing is not None:
         # on the package's own test input alone (no data given) the package cannot be judged: not applicable
         raise GateInputError(missing, not_applicable=not _as_list(data) and subject.fixed_shape is not None)
     accepted = not any(c.status == "failed" for c in checks)
-    consumers = [_worst(runs, lambda r: r.max_abs_diff) for runs in consumer_runs.values()]
+    consumers = run.worst.get("consumers", [])
+    sw_worst = run.worst.get("sweep")
+    per_image = [m.record for m in measured]
     report = GateReport(
         subject=name or str(subject.source), kind=subject.kind, name=subject.name,
         weights_format=subject.weights_format,
