@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -23,6 +24,14 @@ def test_demo_runs_the_whole_path(tmp_path) -> None:
         assert (out / name).exists(), name
     assert "accepted" in result.output and "max |diff| = 0:" in result.output
     assert json.loads((out / "report" / "report.json").read_text())["accepted"] is True
+    # the analyst's path: the same nuclei as 16 bits in another range are segmented as the 8-bit image is, and
+    # the variant refitted on them is seamless in ilastik
+    for name in ("your_image_16bit.tif", "your_prediction.tif", "nuclei2d-demo-ilastik.bioimageio.zip"):
+        assert (out / name).exists(), name
+    match = re.search(r"foreground ([0-9.]+)% \(8-bit image: ([0-9.]+)%\)", result.output)
+    assert match is not None, result.output
+    assert abs(float(match[1]) - float(match[2])) < 1.0
+    assert "gated with ilastik: seams = 0:" in result.output
 
 
 def test_a_new_demo_run_removes_only_the_demo_artifacts(tmp_path) -> None:

@@ -74,3 +74,11 @@ def test_a_percentile_package_works_on_any_bit_depth(third_party: Path, tmp_path
         assert r.exit_code == EXIT_OK, r.output
         preds.append(np.load(tmp_path / f"p{name}.npy"))
     np.testing.assert_allclose(preds[0], preds[1], atol=1e-4)  # the intensity range does not matter
+
+
+def test_refit_defaults_to_the_packages_own_percentiles(third_party: Path) -> None:
+    """Fixed values at the package's own percentiles give on the fitted data what its percentile step gives."""
+    from tilenorm_bmz.bmz.refit import _open_descr, package_quantiles
+
+    descr, _ = _open_descr(third_party, False)
+    assert package_quantiles(descr) == pytest.approx((0.01, 0.998))  # its scale_range: 1% / 99.8%

@@ -49,9 +49,11 @@ def test_a_softmax_head_does_not_hide_the_receptive_field():
 
 @pytest.mark.parametrize("divisor", [(1, 1), (4, 4), (16, 16)])
 def test_the_receptive_field_does_not_depend_on_the_declared_divisor(divisor):
-    """A package's size step need not be the network's own divisor; the TRF is the same whatever is declared."""
-    scripted = torch.jit.trace(_net(), torch.rand(1, 1, 64, 64))
-    for model in (_net(), scripted):
+    """A package's size step need not be the network's own divisor; the TRF is the same whatever is declared, for
+    the network as written, traced and scripted."""
+    traced = torch.jit.trace(_net(), torch.rand(1, 1, 64, 64))
+    scripted = torch.jit.script(_net())
+    for model in (_net(), traced, scripted):
         rf = receptive_field(model, 2, divisor=divisor, in_channels=1, n_samples=2)
         assert rf.theoretical == (17, 17), (type(model).__name__, divisor, rf.notes)
 

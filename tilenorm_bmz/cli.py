@@ -626,10 +626,10 @@ def refit(
                                                     "TIFF, Zarr / OME-Zarr or .npy.")] = None,
     percentile: Annotated[bool, typer.Option("--percentile", help="Instead: per-image percentile normalization "
                                              "(adapts to any bit depth; --data then only feeds the gate).")] = False,
-    lower: Annotated[float | None, typer.Option(help="Quantile mapped to 0 (default 0.01; --percentile: as the "
-                                                "package records it).")] = None,
-    upper: Annotated[float | None, typer.Option(help="Quantile mapped to 1 (default 0.998; --percentile: as the "
-                                                "package records it).")] = None,
+    lower: Annotated[float | None, typer.Option(help="Quantile mapped to 0 (default: the package's own percentile, "
+                                                "else 0.01).")] = None,
+    upper: Annotated[float | None, typer.Option(help="Quantile mapped to 1 (default: the package's own percentile, "
+                                                "else 0.998).")] = None,
     gate_config: Annotated[Path | None, typer.Option("--gate-config", help="GateConfig YAML for the gate run on "
                                                      "your data (ilastik always gates).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
@@ -653,11 +653,11 @@ def refit(
     else:
         if not data:
             raise UserError("give your dataset's images with --data IMG (repeat for several), or --percentile")
-        lo_q, hi_q = 0.01 if lower is None else lower, 0.998 if upper is None else upper
-        result = refit_package(package_path, list(data), output, lower=lo_q, upper=hi_q, trust_code=trust_code,
+        result = refit_package(package_path, list(data), output, lower=lower, upper=upper, trust_code=trust_code,
                                gate_config=_gate_config(gate_config) if gate_config else None, overwrite=overwrite,
                                progress=True)
         values = ", ".join(f"{a:.6g}..{b:.6g}" for a, b in zip(result.low, result.high, strict=True))
+        lo_q, hi_q = result.quantiles or (float("nan"), float("nan"))
         console.print(f"fixed normalization {values} (quantiles {lo_q:g}/{hi_q:g} of {result.sampled_voxels} "
                       "voxels per channel)", soft_wrap=True)
     console.print(f"{result.test.short()}")
@@ -1041,7 +1041,8 @@ def demo(
 
     Trains a small 2D BatchRenorm U-Net, packages it for bioimage.io (tests and gate included), validates the
     package on the held-out region (HTML report), and predicts the whole image tile by tile, checking that it
-    equals the whole-image prediction.
+    equals the whole-image prediction. Then the analyst's path: the package on a 16-bit copy of the image (as
+    from another microscope), and its ilastik-ready variant refitted on that copy.
     """
     from .demo import run_demo
 
@@ -1058,6 +1059,13 @@ def demo(
         f"validate  {verdict} ({r.seconds['validate']:.0f} s): {r.report_html}",
         f"predict   tiled == whole image: max |diff| = {r.tiled_vs_whole:.2g}: {r.prediction}",
     ]
+    if r.foreground is not None:
+        eight, sixteen = r.foreground
+        lines.append(f"your data the package on a 16-bit copy (values 33000-37000): foreground {sixteen:.1%} "
+                     f"(8-bit image: {eight:.1%}): {r.your_image}")
+        seams = "n/a" if r.ilastik_seams is None else f"{r.ilastik_seams:.2g}"
+        lines.append(f"ilastik   refit on your data, gated with ilastik: seams = {seams}: "
+                     f"{r.ilastik_package or 'rejected (see its .gate report)'}")
     console.print("[bold]demo artifacts[/bold]")
     for line in lines:
         console.print(line, soft_wrap=True)

@@ -3,7 +3,11 @@
 1. train a small 2D BatchRenorm U-Net on the DSB2018 nuclei image (held-out region split off 70/30);
 2. package it as a bioimage.io model (bioimage.io tests + the gate run before the package is final);
 3. validate the package on the held-out region with its labels (JSON + HTML report);
-4. predict the whole image tile by tile and check it equals the whole-image forward (seamless).
+4. predict the whole image tile by tile and check it equals the whole-image forward (seamless);
+5. the analyst's path: the package predicts "your" image, the same nuclei recorded as 16 bits in another range
+   (values about 33,000-37,000, as from another microscope), as it does the 8-bit one (its percentile
+   preprocessing adapts to the image); then ``refit`` writes the ilastik-ready variant for that dataset (fixed
+   values fitted on it, so ilastik's per-tile preprocessing cannot seam), re-tested and gated with ilastik.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +29,8 @@ __all__ = ["DemoResult", "demo_config", "run_demo"]
 logger = logging.getLogger(__name__)
 
 #: What the demo writes into its folder (and removes there before a new run; nothing else is touched).
-DEMO_ARTIFACTS = ("train", "nuclei2d-demo.bioimageio.zip", "report", "prediction.tif")
+DEMO_ARTIFACTS = ("train", "nuclei2d-demo.bioimageio.zip", "report", "prediction.tif", "your_image_16bit.tif",
+                  "your_prediction.tif", "nuclei2d-demo-ilastik.bioimageio.zip", "nuclei2d-demo-ilastik.bioimageio.gate")
 
 
 @dataclass
@@ -39,6 +45,14 @@ class DemoResult:
     val_dice: dict[str, float]
     tiled_vs_whole: float
     halo: tuple[int, ...]
+    your_image: Path | None = None
+    """The 16-bit copy of the image ("your" data from another microscope)."""
+    foreground: tuple[float, float] | None = None
+    """Fraction of the image the package marks foreground on the 8-bit image and on the 16-bit copy."""
+    ilastik_package: Path | None = None
+    """The variant with fixed preprocessing fitted on the 16-bit copy (None when its gate rejected it)."""
+    ilastik_seams: float | None = None
+    """Seams of that variant in the ilastik emulation (``max |tiled - whole|``)."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -136,6 +150,10 @@ def run_demo(
     diff = float(np.abs(tiled - whole).max())
     prediction = write_tiff(out / "prediction.tif", tiled.astype(np.float32), axes="CYX", overwrite=True)
     times["predict"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    analyst = _analyst_path(package, full, out, device, progress)
+    times["analyst"] = time.perf_counter() - t0
     return DemoResult(
         out_dir=out,
         checkpoint=result.last,
@@ -148,4 +166,33 @@ def run_demo(
         tiled_vs_whole=diff,
         halo=halo,
         seconds=times,
+        **analyst,
     )
+
+
+def _analyst_path(package: Path, image: np.ndarray, out: Path, device: str, progress: bool) -> dict[str, object]:
+    """Step 5 of the module docstring: the package on a 16-bit copy of ``image``, then its ilastik-ready variant."""
+    from .bmz.opening import open_model
+    from .bmz.refit import refit_package
+    from .data import open_image, write_tiff
+    from .tiling import predict_file
+
+    span = float(image.max() - image.min()) or 1.0
+    own = np.rint(33000 + (image.astype(np.float64) - float(image.min())) / span * 4000).astype(np.uint16)
+    own_path = Path(write_tiff(out / "your_image_16bit.tif", own, axes="CYX", overwrite=True))
+    handle = open_model(package)  # as `tilenorm-bmz predict PACKAGE IMAGE` opens it
+    settings, _ = handle.normalization_for("model")
+    fractions = []
+    with tempfile.TemporaryDirectory() as tmp:
+        eight_bit = Path(write_tiff(Path(tmp) / "image_8bit.tif", image, axes="CYX"))  # for comparison only
+        for source, result in ((eight_bit, Path(tmp) / "prediction_8bit.tif"), (own_path, out / "your_prediction.tif")):
+            predict_file(handle.network, source, result, normalization=settings, divisor=handle.divisor,
+                         device=device, overwrite=True)
+            fractions.append(float((np.asarray(open_image(result).read())[0] > 0.5).mean()))
+    refit = refit_package(package, [own_path], out / "nuclei2d-demo-ilastik.bioimageio.zip", overwrite=True,
+                          progress=progress)
+    seams = None
+    if refit.gate is not None:
+        seams = next((c.max_abs_diff for c in refit.gate.consumers if c.consumer == "ilastik"), None)
+    return {"your_image": own_path, "foreground": (fractions[0], fractions[1]), "ilastik_package": refit.package,
+            "ilastik_seams": seams}

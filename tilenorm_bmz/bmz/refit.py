@@ -49,6 +49,8 @@ class RefitResult:
     test: Any
     gate: Any = None
     rejected: Path | None = None
+    quantiles: tuple[float, float] | None = None
+    """The quantiles (fractions) the fixed values were fitted at (refit) or the percentiles (percentile)."""
 
 
 def _spatial_axes(tensor: Any) -> list[str]:
@@ -67,8 +69,8 @@ def refit_package(
     data: Sequence[Any],
     output: str | os.PathLike[str],
     *,
-    lower: float = 0.01,
-    upper: float = 0.998,
+    lower: float | None = None,
+    upper: float | None = None,
     trust_code: bool = False,
     gate_config: Any = None,
     overwrite: bool = False,
@@ -86,7 +88,9 @@ def refit_package(
     output
         The new package (``.zip``).
     lower, upper
-        Quantiles (fractions) mapped to 0 and 1 (default 1% and 99.8%, bioimage.io's usual percentiles).
+        Quantiles (fractions) mapped to 0 and 1. Default: the package's own percentiles (those it records it was
+        trained with, else those of its ``scale_range``), so the fixed values give what its percentile
+        normalization gives on this data; without either, 1% and 99.8% (bioimage.io's usual percentiles).
     trust_code
         Let the test and the gate run weights that need the package's code (see :mod:`tilenorm_bmz.bmz.opening`).
     gate_config
@@ -104,6 +108,9 @@ def refit_package(
 
     src = Path(source)
     descr, fmt = _open_descr(src, trust_code)
+    own = package_quantiles(descr)
+    lower = float(lower if lower is not None else own[0] if own else 0.01)
+    upper = float(upper if upper is not None else own[1] if own else 0.998)
     inp = descr.inputs[0]
     n_ch, n_spatial = _channels(inp), len(_spatial_axes(inp))
     images = [open_image(d) if not isinstance(d, np.ndarray) else d for d in data]
@@ -135,6 +142,7 @@ def refit_package(
         cfg = cfg.model_copy(update={"gating_consumers": [*cfg.gating_consumers, "ilastik"]})
     result = _rewrite(src, descr, fmt, norm, tool, Path(output), list(data), cfg, trust_code, overwrite, progress)
     result.sampled_voxels = n
+    result.quantiles = (lower, upper)
     return result
 
 
@@ -171,6 +179,20 @@ def percentile_package(
                              "upper": hi_q, "tool_version": __version__}}
     return _rewrite(src, descr, fmt, norm, tool, Path(output), list(data) if data else None,
                     gate_config or GateConfig(), trust_code, overwrite, progress)
+
+
+def package_quantiles(descr: Any) -> tuple[float, float] | None:
+    """The quantiles (fractions) of the package's percentile normalization: those it records it was trained with
+    (``config.tilenorm_bmz.input_normalization``), else those of its first input's ``scale_range``; None if
+    neither."""
+    recorded = _tool(descr).get("input_normalization") or {}
+    if recorded.get("mode") in ("global", "tilewise") and "lower" in recorded and "upper" in recorded:
+        return float(recorded["lower"]), float(recorded["upper"])
+    for step in descr.inputs[0].preprocessing:
+        if str(step.id) == "scale_range":
+            kwargs = step.kwargs
+            return float(kwargs.min_percentile) / 100.0, float(kwargs.max_percentile) / 100.0
+    return None
 
 
 def _tool(descr: Any) -> dict[str, Any]:

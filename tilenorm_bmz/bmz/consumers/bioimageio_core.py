@@ -60,17 +60,19 @@ def emulate_bioimageio_core(
     if blocksize is None:  # the smallest block of at least 4 * halo: two blocks per axis of a one-block sample
         blocksize = max(0, *(-(-(4 * h - m) // st) if st else 0 for m, st, h in zip(
             subject.size_min, subject.size_step, subject.declared_halo, strict=True)))
-    n = min(blocksize, *((r - m) // st if st else 0 for r, m, st in zip(
-        largest, subject.size_min, subject.size_step, strict=True)))
-    if n < 0:
+    # per axis (core takes n per tensor axis): an axis the image limits does not shrink the blocks of the others
+    n_axes = [min(blocksize, (r - m) // st) if st else 0 for r, m, st in zip(
+        largest, subject.size_min, subject.size_step, strict=True)]
+    if min(n_axes) < 0:
         return _not_applicable(
             "bioimageio.core",
             f"the image {_shape(raw.shape[1:])} is smaller than the package's smallest block "
             f"{_shape(subject.size_min)} (bioimageio.core refuses blocks larger than the image)",
         )
-    if n < blocksize:
-        logger.info("bioimageio.core emulation: block size parameter %d reduced to %d to fit the image", blocksize, n)
-    block = tuple(m + n * st for m, st in zip(subject.size_min, subject.size_step, strict=True))
+    if min(n_axes) < blocksize:
+        logger.info("bioimageio.core emulation: block size parameter %d reduced to %s to fit the image", blocksize,
+                    n_axes)
+    block = tuple(m + n * st for m, n, st in zip(subject.size_min, n_axes, subject.size_step, strict=True))
     inner = [b - 2 * h for b, h in zip(block, subject.declared_halo, strict=True)]
     # the smallest sample holding a block: ceil(block / inner) >= 2 blocks per axis (core shifts the last one to
     # the border), so every seam position is crossed on every axis
@@ -83,7 +85,9 @@ def emulate_bioimageio_core(
     fmt = _weights(subject, ("pytorch_state_dict", "torchscript", "onnx"))
     pad = getattr(descr.inputs[0], "pad", None)
     pad_mode = str(getattr(pad, "mode", None) or "symmetric")
-    ns = {(t.id, a.id): n for t in descr.inputs for a in t.axes if _is_parameterized(a)}
+    n_of = dict(zip(subject.axes, n_axes, strict=True))
+    ns = {(t.id, a.id): n_of[str(a.id)] for t in descr.inputs for a in t.axes if _is_parameterized(a)}
+    n = n_axes[0] if len(set(n_axes)) == 1 else "x".join(map(str, n_axes))
     dev = str(resolve_device(device))
 
     with _Pipeline(subject, fmt, dev) as pipe:
