@@ -10,8 +10,9 @@ the seam the tiling adds, not a difference between consumers.
     The package's preprocessing on the whole image (its per-image statistics once), tiles inside the image
     starting at multiples of the size step, zero padding at the image end, the halo cropped. Reference: one
     forward pass of the whole (zero-padded) image.
-``bioimageio.core`` (0.11, ``predict(..., blocksize_parameter=n)``; by default the smallest ``n`` whose block
-    is at least four halos, the cheapest one that still gives two blocks per axis; any ``n`` runs the same code)
+``bioimageio.core`` (0.11, ``predict(..., blocksize_parameter=n)``; by default, per axis, the smallest ``n``
+    whose block is at least four halos, the cheapest one that still gives two blocks per axis, reduced on an
+    axis the image limits; any ``n`` runs the same code)
     Its own blocked prediction (:meth:`PredictionPipeline.predict_sample_with_blocking`): preprocessing up to
     the last sample-wise operator on the whole sample, blocks of ``min + n * step`` (input halo included),
     the package's padding mode at the image border (``symmetric`` when it declares none), outputs cropped by
@@ -34,8 +35,9 @@ the seam the tiling adds, not a difference between consumers.
     The package's preprocessing on the whole image, then tiles of the image plus the halo on both sides rounded
     down to a valid size (a fixed size as it is; at most ``DEEPIMAGEJ_MAX_PIXELS`` voxels), on a grid of
     ``tile - 2 * halo`` from the image origin, mirror padding outside the image, the halo cropped. It runs the
-    gate's network (TorchScript where the package has it). Reference: mirror padding by the halo, one forward
-    pass. A parameterized package runs regions of the gate's size in one tile (not applicable: no seams there).
+    weights the gate loaded (deepImageJ itself runs TorchScript; the bioimage.io test checks that the formats
+    agree). Reference: mirror padding by the halo, one forward pass. A parameterized package runs regions of
+    the gate's size in one tile (not applicable: no seams there).
 
 One module per consumer registers its emulation (:func:`register`) in :data:`EMULATIONS`; adding a consumer is
 one module, its import here and its name in ``GateConsumer`` (the reports list them in that vocabulary's order).
