@@ -35,6 +35,7 @@ targets). An array ``(C_out, *spatial)`` holds one semantic mask per output chan
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import logging
 import os
 import time
@@ -56,6 +57,7 @@ from ..metrics import (
     RunContext,
     SweepResult,
     TileMismatchResult,
+    eval_mode,
     halo_sufficiency,
     norm_layers,
     tile_mismatch,
@@ -76,6 +78,7 @@ from .consumers import (
     CONSUMER_LABELS,
     EMULATIONS,
     ConsumerSeams,
+    central_region,
     per_tile_statistics,
     tiled_predictor_region,
     tiled_predictor_tile,
@@ -616,6 +619,8 @@ class GateRun:
     halo_result: HaloSufficiencyResult | None = None
     worst: dict[str, Any] = field(default_factory=dict)
     """Each part's worst result over the images (``tile_mismatch``, ``disparity``, ``sweep``, ``consumers``)."""
+    not_run: dict[str, str] = field(default_factory=dict)
+    """Why a measurement did not run, by measurement (the last image's reason)."""
 
     @property
     def on(self) -> set[str]:
@@ -632,9 +637,16 @@ class GateRun:
             return check
         return _with(check, details=f"{check.details} (worst image: {self.image_names[index]})")
 
-    @property
-    def not_run(self) -> dict[str, str]:
-        return self.worst.setdefault("not_run", {})
+    @functools.cached_property
+    def cause(self) -> str:
+        """What the measurements say makes tiles disagree (:func:`seam_cause`; the tile-mismatch and consumer
+        checks both name it)."""
+        return seam_cause(self.subject.network, self.rf, self.halo)
+
+    @functools.cached_property
+    def has_train_mode(self) -> bool:
+        """The network has normalization layers that behave differently in train mode."""
+        return bool(norm_layers(self.subject.network)[0])
 
 
 @dataclass(frozen=True, eq=False)
@@ -693,8 +705,7 @@ class _TileMismatchPart:
         if worst is None:
             return [Check(name="tile mismatch", measured=None, threshold=f"max_dist <= {run.config.max_dist:g}",
                           passed=None, advice=run.not_run.get("tile mismatch", ""))]
-        cause = seam_cause(run.subject.network, run.rf, run.halo)
-        return [run.where(results.index(worst), check_tile_mismatch(worst, run.config.max_dist, cause,
+        return [run.where(results.index(worst), check_tile_mismatch(worst, run.config.max_dist, run.cause,
                                                                     relative=run.relative))]
 
 
@@ -728,7 +739,7 @@ class _DisparityPart:
         if worst is None:
             return []
         check = check_disparity(worst, run.config.max_disparity)
-        if not worst.applicable and not norm_layers(run.subject.network)[0]:
+        if not worst.applicable and not run.has_train_mode:
             check = _with(check, advice=f"not applicable: {worst.reason}")
         return [run.where(results.index(worst), check)]
 
@@ -764,14 +775,13 @@ class _ConsumersPart:
                 by_consumer.setdefault(r.consumer, []).append(r)
         run.worst["consumers"] = [_worst(runs, lambda r: r.max_abs_diff) for runs in by_consumer.values()]
         ours = _worst(by_consumer.get("tilenorm-bmz", []), lambda r: r.max_abs_diff)
-        cause = seam_cause(run.subject.network, run.rf, run.halo)
         checks = []
         for consumer in GATE_CONSUMERS:
             runs = by_consumer.get(consumer)
             if runs:
                 worst = _worst(runs, lambda r: r.max_abs_diff)
                 checks.append(run.where(runs.index(worst), _consumer_check(
-                    worst, run.config, ours, run.subject, run.warnings, cause, relative=run.relative)))
+                    worst, run.config, ours, run.subject, run.warnings, run.cause, relative=run.relative)))
         return checks
 
 
@@ -802,10 +812,9 @@ class _SweepPart:
             return
         spatial = tuple(raw.shape[1:])
         sizes_r = tiled_predictor_region(spatial, run.halo, subject.divisor, cfg.region_voxels)
-        region = tuple(slice((s - r) // 2, (s - r) // 2 + r) for s, r in zip(spatial, sizes_r, strict=True))
-        out.record.region = tuple((sl.start, sl.stop) for sl in region)
-        raw_r = np.ascontiguousarray(raw[(slice(None), *region)])
-        target_r = None if target is None else target[1][(slice(None), *region)]
+        raw_r, region = central_region(raw, sizes_r)
+        out.record.region = tuple((a, b) for a, b in region)
+        target_r = None if target is None else target[1][(slice(None), *(slice(a, b) for a, b in region))]
         sizes: list[Any] = list(cfg.sweep_sizes or _sweep_sizes(sizes_r, run.halo, subject.divisor))
         if "sweep" not in on:
             sizes = [tuple(sizes_r)]
@@ -1008,7 +1017,7 @@ def validate_package(
     # decide -------------------------------------------------------------------------------------------------
     checks = [check for part in GATE_PARTS for check in part.decide(run, measured)]
     mm_worst, disp_worst, not_run = run.worst.get("tile_mismatch"), run.worst.get("disparity"), run.not_run
-    has_train_mode = bool(norm_layers(net)[0])
+    has_train_mode = run.has_train_mode
     missing = _missing_decisive(subject, cfg, checks_on, mm_worst, disp_worst, has_train_mode, not_run, halo, images)
     if missing is not None:
         # on the package's own test input alone (no data given) the package cannot be judged: not applicable
@@ -1066,12 +1075,9 @@ def _output_kind(subject: GateSubject, cfg: GateConfig, image: np.ndarray, halo:
                  for t, s, d in zip(tile, image.shape[1:], subject.divisor, strict=True))
     if any(s < 1 for s in size) or any(s > i for s, i in zip(size, image.shape[1:], strict=True)):
         return "probability"  # too small to look: the metrics will say so
-    crop = image[(slice(None), *(slice((i - s) // 2, (i - s) // 2 + s) for i, s in zip(image.shape[1:], size, strict=True)))]
-    with torch.no_grad():
-        was = subject.network.training
-        subject.network.eval()
+    crop, _ = central_region(image, size)
+    with torch.no_grad(), eval_mode(subject.network):
         y = subject.network(torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None])
-        subject.network.train(was)
     lo, hi = float(y.min()), float(y.max())
     return "probability" if lo >= -1e-6 and hi <= 1 + 1e-6 else "regression"
 

@@ -92,13 +92,19 @@ class PackageAxes:
             start += c
         return out
 
+    def from_package(self, y: Any) -> Any:
+        """The package's (only) output in its order -> canonical ``(B, C, *spatial)`` on the input's grid."""
+        return self.join([y])
+
+    def gather(self, xs: Sequence[Any]) -> Any:
+        """Each input in its declared order -> one canonical ``(B, C, *spatial)`` (the inverse of ``split``)."""
+        return _concat_channels([reorder_back(x, axes, self.canonical) for x, axes in zip(xs, self.all_inputs,
+                                                                                       strict=True)])
+
     def join(self, ys: Sequence[Any]) -> Any:
         """Each output in its declared order -> one canonical ``(B, C, *spatial)`` on the input's grid."""
-        parts = [to_input_grid(reorder_back(y, axes, self.canonical), self.zoom)
-                 for y, axes in zip(ys, self.all_outputs, strict=True)]
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat(parts, dim=1) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts, axis=1)
+        return _concat_channels([to_input_grid(reorder_back(y, axes, self.canonical), self.zoom)
+                                 for y, axes in zip(ys, self.all_outputs, strict=True)])
 
     @property
     def canonical(self) -> tuple[str, ...]:
@@ -108,14 +114,38 @@ class PackageAxes:
         """Canonical ``(B, C, *spatial)`` -> the package's input order (dropping absent batch/channel axes)."""
         return reorder(x, self.canonical, self.input)
 
-    def from_package(self, y: np.ndarray) -> np.ndarray:
-        """The package's output order -> canonical ``(B, C, *spatial)`` on the input's grid (see ``zoom``)."""
-        return to_input_grid(reorder_back(y, self.output, self.canonical), self.zoom)
-
     @property
     def is_canonical(self) -> bool:
         return self.input == self.canonical and self.output == self.canonical and not any(
             z not in (0, 1) for z in self.zoom) and not self.inputs and not self.outputs
+
+
+def _concat_channels(parts: Sequence[Any]) -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(list(parts), dim=1) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts, axis=1)
+
+
+def input_sample(descr: Any, axes: PackageAxes, image: np.ndarray) -> Any:
+    """A canonical ``(C, *spatial)`` image (every input's channels one after the other) as a bioimageio.core
+    ``Sample`` holding each of the package's inputs in its declared axis order."""
+    from bioimageio.core import Sample, Tensor
+    from bioimageio.core.axis import AxisId
+
+    xs = axes.split(np.ascontiguousarray(image, dtype=np.float32)[None])
+    return Sample(members={t.id: Tensor(x, dims=tuple(AxisId(a) for a in order))
+                           for t, x, order in zip(descr.inputs, xs, axes.all_inputs, strict=True)},
+                  stat={}, id="gate")
+
+
+def sample_inputs(sample: Any, descr: Any, axes: PackageAxes) -> np.ndarray:
+    """The package's inputs in a bioimageio.core ``Sample`` -> one canonical ``(C, *spatial)`` image (the inverse
+    of :func:`input_sample`; the dtype as stored)."""
+    from bioimageio.core.axis import AxisId
+
+    xs = [sample.members[t.id].transpose([AxisId(a) for a in order]).to_numpy()
+          for t, order in zip(descr.inputs, axes.all_inputs, strict=True)]
+    return np.asarray(axes.gather(xs)[0])
 
 
 def to_input_grid(y: Any, zoom: Sequence[int]) -> Any:
@@ -361,10 +391,9 @@ def _fixed_output_as_reference(descr: Any) -> Any:
         latest = update_format(rewritten)
     if isinstance(latest, InvalidDescr):
         return None
-    sizes = [getattr(a, "size", None) for a in latest.outputs[0].axes if _axis_type(a) == "channel"]
     channels = [len(a.channel_names) for a in latest.outputs[0].axes if _axis_type(a) == "channel"]
     if "c" in out.axes and channels != [out.shape[out.axes.index("c")]]:
-        logger.warning("0.4 output shape rewrite gave channels %s (sizes %s); not used", channels, sizes)
+        logger.warning("0.4 output shape rewrite gave channels %s; not used", channels)
         return None
     logger.info("%s: its fixed output shape with a halo is read as the input's shape (format 0.4 -> 0.5)",
                 descr.name)
@@ -485,10 +514,10 @@ def _geometry(descr: Any, axes: PackageAxes) -> tuple[tuple[int, ...], tuple[int
                 f"{getattr(a, 'scale', 1.0)}): the gate handles outputs of the input's spatial size, or that size "
                 "times or divided by an integer", not_applicable=True,
             )
-        zooms[str(a.id)] = 1 if k is None else k
+        z = zooms[str(a.id)] = 1 if k is None else k
         out_halo = int(getattr(a, "halo", 0) or 0)
-        # the halo in input voxels (bioimageio.spec's validator: halo * output scale / input scale)
-        halos[str(a.id)] = out_halo * -zooms[str(a.id)] if zooms[str(a.id)] < 0 else -(-out_halo // max(1, k or 1))
+        # the halo in input voxels (bioimageio.spec's validator: halo * output scale / input scale), rounded up
+        halos[str(a.id)] = out_halo * -z if z < 0 else -(-out_halo // z)
     return (
         tuple(sizes[a][0] for a in axes.spatial),
         tuple(sizes[a][1] for a in axes.spatial),
@@ -582,28 +611,19 @@ def _free_divisor(network: nn.Module, channels: int, base: Sequence[int], step: 
 
 
 def _package_preprocess(descr: Any, axes: PackageAxes) -> Callable[[np.ndarray], np.ndarray]:
-    from bioimageio.core import Sample, Tensor
-    from bioimageio.core.axis import AxisId
     from bioimageio.core.proc_setup import get_pre_and_postprocessing
 
     procs = get_pre_and_postprocessing(descr, dataset_for_initial_statistics=[])
-    members = [t.id for t in descr.inputs]
-    dims = [tuple(AxisId(a) for a in order) for order in axes.all_inputs]
 
     def preprocess(raw: np.ndarray) -> np.ndarray:
-        xs = axes.split(np.asarray(raw, dtype=np.float32)[None])
-        sample = Sample(members={m: Tensor(x, dims=d) for m, x, d in zip(members, xs, dims, strict=True)},
-                        stat={}, id="gate")
+        sample = input_sample(descr, axes, raw)
         procs.pre(sample)
-        parts = [reorder_back(sample.members[m].transpose(list(d)).to_numpy(), order, axes.canonical)[0]
-                 for m, d, order in zip(members, dims, axes.all_inputs, strict=True)]
-        return np.asarray(np.concatenate(parts, axis=0), dtype=np.float32)
+        return np.asarray(sample_inputs(sample, descr, axes), dtype=np.float32)
 
     return preprocess
 
 
 def _test_input(descr: Any, axes: PackageAxes) -> np.ndarray | None:
-    from bioimageio.core.axis import AxisId
     from bioimageio.core.digest_spec import get_test_input_sample
 
     try:
@@ -611,9 +631,7 @@ def _test_input(descr: Any, axes: PackageAxes) -> np.ndarray | None:
     except Exception as e:  # a package whose test tensor is missing still gets a clear message later
         logger.warning("could not read the package's test input: %s", e)
         return None
-    parts = [reorder_back(sample.members[t.id].transpose([AxisId(a) for a in order]).to_numpy(), order,
-                          axes.canonical)[0] for t, order in zip(descr.inputs, axes.all_inputs, strict=True)]
-    return np.asarray(np.concatenate(parts, axis=0))
+    return sample_inputs(sample, descr, axes)
 
 
 def _wrap_postprocessing(network: nn.Module, descr: Any, notes: list[str]) -> nn.Module:

@@ -24,7 +24,7 @@ A validation gate is a composition of these functions::
     ]
 """
 
-from ._common import MetricResult, RunContext, RunOptions, resolve_device, run_context
+from ._common import MetricResult, RunContext, RunOptions, eval_mode, resolve_device, run_context
 from .dice import dice
 from .disparity import DisparityFigure, DisparityResult, norm_layers, train_eval_disparity
 from .halo import COUPLED, HaloSufficiencyResult, halo_sufficiency
@@ -52,6 +52,7 @@ __all__ = [
     "TiledVsWholeResult",
     "TilewiseNormalized",
     "dice",
+    "eval_mode",
     "halo_sufficiency",
     "mismatch_geometry",
     "norm_layers",

@@ -15,7 +15,7 @@ from pydantic import Field
 from ...config import GateConfig, GateConsumer
 from ...introspect import ceil_to
 from ...metrics import MetricResult, TiledVsWholeResult
-from ..subject import GateSubject, reorder_back
+from ..subject import GateSubject, input_sample, sample_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _cap(sizes: list[int], lower: Sequence[int], steps: Sequence[int], max_voxel
     return sizes
 
 
-def _centre(raw: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, list[list[int]]]:
+def central_region(raw: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, list[list[int]]]:
     """The central ``sizes`` region of ``raw`` ``(C, *spatial)`` and its ``[start, stop)`` per axis."""
     region = [[(s - r) // 2, (s - r) // 2 + r] for s, r in zip(raw.shape[1:], sizes, strict=True)]
     crop = raw[(slice(None), *(slice(a, b) for a, b in region))]
@@ -146,9 +146,7 @@ class _Pipeline:
         assert subject.descr is not None and subject.package_axes is not None
         self.subject = subject
         self.axes = subject.package_axes
-        self.members = [t.id for t in subject.descr.inputs]
         self.out_members = [t.id for t in subject.descr.outputs]
-        self.dims = [tuple(AxisId(a) for a in order) for order in self.axes.all_inputs]
         self.out_dims = [[AxisId(a) for a in order] for order in self.axes.all_outputs]
         self.weights_format = weights_format
         self.pp = create_prediction_pipeline(subject.descr, weights_format=weights_format,  # type: ignore[arg-type]
@@ -156,11 +154,7 @@ class _Pipeline:
 
     def sample(self, image: np.ndarray) -> Any:
         """A canonical ``(C, *spatial)`` image (every input's channels one after the other) as a core Sample."""
-        from bioimageio.core import Sample, Tensor
-
-        xs = self.axes.split(np.ascontiguousarray(image, dtype=np.float32)[None])
-        return Sample(members={m: Tensor(x, dims=d) for m, x, d in zip(self.members, xs, self.dims, strict=True)},
-                      stat={}, id="gate")
+        return input_sample(self.subject.descr, self.axes, image)
 
     def output(self, sample: Any) -> np.ndarray:
         ys = [sample.members[m].transpose(d).to_numpy() for m, d in zip(self.out_members, self.out_dims,
@@ -171,9 +165,7 @@ class _Pipeline:
         """The whole image through the package's preprocessing (canonical ``(C, *spatial)``)."""
         s = self.sample(raw)
         self.pp.apply_preprocessing(s)
-        parts = [reorder_back(s.members[m].transpose(list(d)).to_numpy(), order, self.axes.canonical)[0]
-                 for m, d, order in zip(self.members, self.dims, self.axes.all_inputs, strict=True)]
-        return np.asarray(np.concatenate(parts, axis=0), dtype=np.float32)
+        return np.asarray(sample_inputs(s, self.subject.descr, self.axes), dtype=np.float32)
 
     def forward_preprocessed(self, x: np.ndarray) -> np.ndarray:
         """Network + postprocessing of an already preprocessed input, no padding or cropping."""

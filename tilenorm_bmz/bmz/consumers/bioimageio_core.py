@@ -15,7 +15,6 @@ from ..subject import GateSubject
 from ._common import (
     ConsumerSeams,
     _cap,
-    _centre,
     _is_parameterized,
     _no_reference,
     _not_applicable,
@@ -24,6 +23,7 @@ from ._common import (
     _shape,
     _weights,
     _WholeSizes,
+    central_region,
     register,
 )
 
@@ -79,7 +79,7 @@ def emulate_bioimageio_core(
     # (without a halo the inner block is the block: one voxel more makes the second block)
     want = [min(sizes.smallest(a, max(b, i + 1)), r) for a, (b, i, r) in enumerate(zip(block, inner, largest,
                                                                                       strict=True))]
-    crop, region = _centre(raw, _cap(want, block, sizes.step, max_voxels))
+    crop, region = central_region(raw, _cap(want, block, sizes.step, max_voxels))
     spatial = crop.shape[1:]
     descr = subject.descr
     fmt = _weights(subject, ("pytorch_state_dict", "torchscript", "onnx"))

@@ -14,11 +14,11 @@ from ..subject import GateSubject
 from ._common import (
     ConsumerSeams,
     _cap,
-    _centre,
     _crop_halo,
     _no_reference,
     _not_applicable,
     _shape,
+    central_region,
     register,
 )
 
@@ -66,7 +66,7 @@ def emulate_deepimagej(
         want = list(raw.shape[1:])
     # the reference runs the region plus the halo in one forward pass: a multiple of the divisor
     want = [max(d - 2 * h, (w + 2 * h) // d * d - 2 * h) for w, h, d in zip(want, halo, div, strict=True)]
-    crop, region = _centre(raw, _cap(want, [max(1, d - 2 * h) for h, d in zip(halo, div, strict=True)],
+    crop, region = central_region(raw, _cap(want, [max(1, d - 2 * h) for h, d in zip(halo, div, strict=True)],
                                      list(div), max_voxels))
     spatial = crop.shape[1:]
     tile = deepimagej_tile_shape(spatial, subject.size_min, subject.size_step, halo)

@@ -15,7 +15,6 @@ from ..subject import GateSubject
 from ._common import (
     ConsumerSeams,
     _cap,
-    _centre,
     _crop_halo,
     _no_reference,
     _not_applicable,
@@ -24,6 +23,7 @@ from ._common import (
     _shape,
     _weights,
     _WholeSizes,
+    central_region,
     register,
 )
 
@@ -95,7 +95,7 @@ def emulate_ilastik(
     block = [t - 2 * h for t, h in zip(tile, halo, strict=True)]
     want = [sizes.largest(a, max(min(s, 2 * b), sizes.low[a])) for a, (s, b) in enumerate(zip(
         raw.shape[1:], block, strict=True))]
-    crop, region = _centre(raw, _cap(want, sizes.low, sizes.step, max_voxels))
+    crop, region = central_region(raw, _cap(want, sizes.low, sizes.step, max_voxels))
     fmt = _weights(subject, ("torchscript", "pytorch_state_dict", "onnx"))
     dev = str(resolve_device(device))
     spatial = crop.shape[1:]

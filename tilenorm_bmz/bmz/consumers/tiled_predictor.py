@@ -13,10 +13,10 @@ from ..subject import GateSubject
 from ._common import (
     ConsumerSeams,
     _cap,
-    _centre,
     _no_reference,
     _not_applicable,
     _shape,
+    central_region,
     register,
     tiled_predictor_tile,
 )
@@ -41,7 +41,7 @@ def emulate_tiled_predictor(
     tile = tuple(tile_shape) if tile_shape is not None else (
         subject.fixed_shape or tiled_predictor_tile(halo, subject.divisor))
     sizes = [min(s, 2 * t - 2 * h) for s, t, h in zip(raw.shape[1:], tile, halo, strict=True)]
-    crop, region = _centre(raw, _cap(sizes, list(subject.divisor), list(subject.divisor), max_voxels))
+    crop, region = central_region(raw, _cap(sizes, list(subject.divisor), list(subject.divisor), max_voxels))
     image = subject.preprocess(crop)
     dev = resolve_device(device)
     predictor = TiledPredictor(subject.network, tile_shape=tile, halo=tuple(halo), batch_size=batch_size,
