@@ -165,3 +165,100 @@ def test_report_from_the_repository_measurements_explains_the_twins(tmp_path) ->
     assert "| batchnorm | global |" in text and "| instancenorm | global |" in text
     assert "BatchNorm's train-mode Dice equals InstanceNorm's Dice exactly (global input normalization)" in text
     assert (tmp_path / "STUDY_figures" / "nuclei2d_sweep.png").exists()
+
+
+def _seeded(tmp_path) -> dict:
+    """TINY with two seeds of two variants (a shorter budget) and an independent 16-bit volume's planes."""
+    import tifffile
+
+    from tilenorm_bmz.data import synthetic_blobs
+
+    image, labels = synthetic_blobs((4, 96, 80), seed=5, dtype="uint16")
+    kw = {"photometric": "minisblack", "metadata": {"axes": "ZYX"}}
+    tifffile.imwrite(tmp_path / "other.tif", image[0], **kw)
+    tifffile.imwrite(tmp_path / "other_labels.tif", labels.astype("uint16"), **kw)
+    cfg = json.loads(json.dumps(TINY))
+    ds = cfg["datasets"][0]
+    ds["independent"] = [{"name": "other", "image": "other.tif", "labels": "other_labels.tif", "planes": [0, 2],
+                          "description": "blobs, 16-bit", "source": "synthetic_blobs(seed=5)", "license": "CC0"}]
+    ds["seeds"] = {"variants": ["batchnorm", "batchrenorm"], "seeds": {"cpu": [0, 1]},
+                   "budgets": {"cpu": {"steps": 2}}}
+    return cfg
+
+
+def test_seed_repeats_report_mean_spread_orderings_and_independent_dice(tmp_path) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(_seeded(tmp_path)))
+    result = runner.invoke(app, ["study", str(path), "--budget", "cpu", "--runs", "seeds"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "runs" / "synth2d" / "batchnorm").exists() or not any(
+        (tmp_path / "runs" / "synth2d" / "batchnorm").glob("*.pt"))  # --runs seeds: no main runs
+    rows = {}
+    for v in ("batchnorm", "batchrenorm"):
+        for seed in (0, 1):
+            run = tmp_path / "runs" / "synth2d" / "seeds" / v / f"seed{seed}"
+            m = json.loads((run / "measure.json").read_text())
+            assert m["seed"] == seed and m["steps"] == 2
+            assert [s["name"] for s in m["independent"]] == ["other[0]", "other[2]"]
+            assert m["independent"][0]["dtype"] == "uint16" and len(m["independent"][0]["dice"]) == 2
+            rows[v, seed] = m
+    # another seed: another network (initialization and tile order differ); the same seed: the same start
+    from tilenorm_bmz.checkpoint import load_checkpoint
+
+    def first_weight(variant: str, seed: int):
+        model, _ = load_checkpoint(tmp_path / "runs" / "synth2d" / "seeds" / variant / f"seed{seed}" / "last.pt")
+        return next(iter(model.parameters())).detach()
+
+    assert not first_weight("batchnorm", 0).equal(first_weight("batchnorm", 1))
+    report = (tmp_path / "STUDY.md").read_text()
+    assert "## Repeats with other seeds" in report and "### synth2d: 2 seeds" in report
+    assert "| batchnorm | global | 2 |" in report and " ± " in report
+    assert "Dice independent (mean of 2 images)" in report and "Licence: CC0" in report
+    assert "**tile mismatch max_dist**: batchnorm = batchrenorm (identical on every seed)" in report
+    assert "**Dice eval, foreground**:" in report
+
+
+def test_seed_config_sets_both_seeds_and_the_shorter_budget(tmp_path) -> None:
+    cfg = StudyConfig.model_validate(_seeded(tmp_path))
+    ds = cfg.datasets[0]
+    main = variant_config(ds, cfg.variants[0], "cpu")
+    rep = variant_config(ds, cfg.variants[0], "cpu", seed=7)
+    assert (main.steps, rep.steps) == (3, 2)  # the seeds' budget on top of the dataset's cpu budget
+    assert (rep.seed, rep.data.seed) == (7, 7) and (main.seed, main.data.seed) == (0, 0)
+    bad = _seeded(tmp_path)
+    bad["datasets"][0]["seeds"]["variants"] = ["nope"]
+    with pytest.raises(ValidationError, match="not variants of the study"):
+        StudyConfig.model_validate(bad)
+
+
+def test_paired_ordering_decides_from_the_spread() -> None:
+    from tilenorm_bmz.study import paired_ordering
+
+    clear = paired_ordering("a", "b", {0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.8, 1: 0.82, 2: 0.8}, higher_is_better=True)
+    assert clear.startswith("a > b")
+    noisy = paired_ordering("a", "b", {0: 0.9, 1: 0.7, 2: 0.95}, {0: 0.8, 1: 0.85, 2: 0.8}, higher_is_better=True)
+    assert noisy.startswith("a ≈ b") and "not resolved" in noisy
+    lower = paired_ordering("a", "b", {0: 0.0, 1: 0.0, 2: 0.01}, {0: 0.2, 1: 0.21, 2: 0.2}, higher_is_better=False)
+    assert lower.startswith("a > b")  # lower disparity is better
+    same_gap = paired_ordering("a", "b", {0: 1.0, 1: 1.0}, {0: 0.0, 1: 0.0}, higher_is_better=False)
+    assert same_gap.startswith("b > a") and "p = 0" in same_gap
+    assert paired_ordering("a", "b", {0: 0.5}, {0: 0.4}, higher_is_better=True).startswith("a ? b")
+
+
+def test_independent_images_config_and_loading(tmp_path) -> None:
+    from tilenorm_bmz.data import IndependentImages, load_independent
+
+    meta = {"description": "d", "source": "s", "license": "l"}
+    with pytest.raises(ValidationError, match="either sample or both"):
+        IndependentImages.model_validate({"name": "x", "sample": "nuclei2d", "image": "a.tif", "labels": "b.tif",
+                                          **meta})
+    with pytest.raises(ValidationError, match="either sample or both"):
+        IndependentImages.model_validate({"name": "x", "image": "a.tif", **meta})
+    planes = IndependentImages.model_validate({"name": "c", "sample": "nuclei3d", "planes": [30, 40], **meta})
+    ims = load_independent(planes, dims=2)
+    assert [im.name for im in ims] == ["c[30]", "c[40]"] and ims[0].raw.shape == (1, 256, 256)
+    assert ims[0].labels.shape == (256, 256) and ims[0].raw.dtype == "uint16"
+    with pytest.raises(ValueError, match="are 3D but the model is 2D"):
+        load_independent(IndependentImages.model_validate({"name": "v", "sample": "nuclei3d", **meta}), dims=2)
+    with pytest.raises(ValueError, match="planes need a 3D image"):
+        load_independent(IndependentImages.model_validate({"name": "p", "sample": "nuclei2d", "planes": [0], **meta}))

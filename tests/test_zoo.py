@@ -30,8 +30,18 @@ def _tiny_entry(folder: Path) -> None:
     export = {"name": "tiny zoo test model", "description": "A tiny test network.",
               "authors": [{"name": "Test Author"}]}
     (folder / "export.yaml").write_text(yaml.safe_dump(export))
+    import tifffile
+
+    from tilenorm_bmz.data import synthetic_blobs
+
+    image, labels = synthetic_blobs((96, 80), seed=9, dtype="uint16")
+    tifffile.imwrite(folder / "other.tif", image[0].astype("float32") * 40)  # float, another intensity range
+    tifffile.imwrite(folder / "other_labels.tif", labels)
+    other = {"name": "other", "image": "other.tif", "labels": "other_labels.tif", "description": "blobs x 40",
+             "source": "synthetic_blobs(seed=9)", "license": "CC0"}
     # an 8-step network is far from converged: the test is about the machinery, so disparity does not gate
-    entry = {"name": "tiny", "summary": "A tiny test entry.", "gate": {"max_disparity": 1.0, "max_crops": 1}}
+    entry = {"name": "tiny", "summary": "A tiny test entry.", "gate": {"max_disparity": 1.0, "max_crops": 1},
+             "independent": [other]}
     (folder / "zoo.yaml").write_text(yaml.safe_dump(entry))
 
 
@@ -50,8 +60,15 @@ def test_zoo_build_list_check_on_a_tiny_entry(tmp_path) -> None:
     assert rows[0]["name"] == "tiny" and rows[0]["accepted"] is True and rows[0]["max_dist"] == 0.0
     result = runner.invoke(app, ["zoo", "list", str(tmp_path / "zoo")])
     assert result.exit_code == 0 and "accepted" in result.output
+    record = json.loads((folder / "gate" / "independent.json").read_text())
+    assert [s["name"] for s in record["scores"]] == ["other"] and len(record["scores"][0]["dice"]) == 2
+    readme = (folder / "README.md").read_text()
+    assert readme.count("## On images from other sources") == 1 and "Licence: CC0" in readme
+    assert readme.index("## On images from other sources") < readme.index("## Use it")
     result = runner.invoke(app, ["zoo", "check", str(tmp_path / "zoo")])
     assert result.exit_code == 0, result.output
+    again = (folder / "README.md").read_text()
+    assert again.count("## On images from other sources") == 1  # the section is replaced, not appended
 
 
 def test_zoo_entry_errors(tmp_path) -> None:
@@ -97,3 +114,28 @@ def test_published_zoo_packages_pass_the_gate_and_bioimageio_tests(tmp_path, ent
     assert report.accepted, f"{entry.name} rejected: {failed}"
     assert report.bioimageio_test is not None and report.bioimageio_test.passed
     assert report.tile_mismatch is not None and report.tile_mismatch.max_dist == 0.0
+
+
+@pytest.mark.bmz
+def test_published_readmes_report_dice_on_independent_images_as_measured() -> None:
+    """Every entry names labelled images from other sources; its README reports the Dice `zoo check` measured,
+    and measuring again gives the recorded figures (here the first two images of the 2D entry)."""
+    from tilenorm_bmz.zoo import package_dice
+
+    for name in PUBLISHED:
+        folder = ZOO / name
+        entry = ZooEntry.from_yaml(folder / "zoo.yaml")
+        assert entry.independent, f"{name} names no independent images"
+        readme = (folder / "README.md").read_text()
+        record = json.loads((folder / "gate" / "independent.json").read_text())
+        assert [s["name"] for s in record["sets"]] == [s.name for s in entry.independent]
+        assert "## On images from other sources" in readme and all(s.license in readme for s in entry.independent)
+        for score in record["scores"]:
+            assert f"| {' / '.join(f'{v:.3f}' for v in score['dice'])} |" in readme
+    folder = ZOO / "nuclei2d-batchrenorm"
+    entry = ZooEntry.from_yaml(folder / "zoo.yaml")
+    record = json.loads((folder / "gate" / "independent.json").read_text())
+    again = package_dice(folder / entry.package_name, entry.independent[:2], base_dir=folder, device="cpu")
+    for new, old in zip(again, record["scores"], strict=False):
+        assert new.name == old["name"]
+        assert new.dice == pytest.approx(old["dice"], abs=1e-6)

@@ -769,6 +769,7 @@ def study(
     variant: Annotated[list[str] | None, typer.Option(help="Only this variant (repeatable).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the train configs').")] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Only rewrite the report from saved results.")] = False,
+    runs: Annotated[str, typer.Option(help="all: the main table and the repeats with other seeds; main; seeds.")] = "all",
 ) -> None:
     """Train and measure the same U-Net with every normalization: the paper's Table 1 on real data.
 
@@ -776,10 +777,13 @@ def study(
     normalization; BatchNorm and InstanceNorm with tile-wise input normalization) the network is trained
     (finished runs are reused, interrupted ones resumed) and measured on the held-out region: Dice per class
     in eval and train mode, train/eval disparity, tile mismatch, Dice vs tile size. Writes the Markdown
-    table and figures (STUDY.md).
+    table and figures (STUDY.md). A dataset's seeds block repeats some variants with other seeds: their mean,
+    spread and the orderings the spread supports go to the report too.
     """
     from .study import StudyConfig, pick_budget, run_study, write_study_report
 
+    if runs not in ("all", "main", "seeds"):
+        raise UserError(f"--runs must be all, main or seeds, got {runs!r}")
     cfg = StudyConfig.from_yaml(config).resolve_paths(config.resolve().parent)
     command = f"tilenorm-bmz study {config.as_posix()} --budget {pick_budget(budget)}"  # what reproduces the report
     if report_only:
@@ -787,13 +791,13 @@ def study(
         console.print(f"wrote {path}")
         return
     rows = run_study(cfg, budget=budget, datasets=dataset, variants=variant, device=device,
-                     base_dir=config.resolve().parent, command=command, progress=True)
+                     base_dir=config.resolve().parent, command=command, progress=True, runs=runs)  # type: ignore[arg-type]
     table = Table(title="study")
-    for col in ("dataset", "variant", "Dice eval", "Dice train", "disparity", "tile mismatch"):
+    for col in ("dataset", "variant", "seed", "Dice eval", "Dice train", "disparity", "tile mismatch"):
         table.add_column(col)
     for r in rows:
         fmt = " / ".join
-        table.add_row(r.dataset, r.variant, fmt(f"{v:.3f}" for v in r.dice_eval),
+        table.add_row(r.dataset, r.variant, "" if r.seed is None else str(r.seed), fmt(f"{v:.3f}" for v in r.dice_eval),
                       fmt(f"{v:.3f}" for v in r.dice_train or []), fmt(f"{v:.3f}" for v in r.disparity or []),
                       "no" if r.seamless else fmt(f"{v:.3f}" for v in r.mismatch))
     console.print(table)

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._version import __version__
 from .config import NormKind, StrictModel, TrainConfig, atomic_write_text
+from .data.independent import IndependentImages
+from .metrics.independent import IndependentScore
 
 __all__ = [
     "PAPER_VARIANTS",
@@ -33,6 +35,7 @@ __all__ = [
     "StudyConfig",
     "StudyDataset",
     "StudyMeasure",
+    "StudySeeds",
     "StudyVariant",
     "VariantResult",
     "run_study",
@@ -93,6 +96,29 @@ class StudyMeasure(StrictModel):
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
 
 
+class StudySeeds(StrictModel):
+    """Repeated runs of some variants with other seeds, for the mean and spread of every figure.
+
+    A seed sets the network's initialization and the training tiles' order (``seed`` and ``data.seed`` of the
+    training config); runs of different variants with the same seed see the same tiles in the same order, so
+    variants are compared seed by seed (paired)."""
+
+    variants: list[str] = Field(default_factory=lambda: ["batchnorm", "instancenorm", "batchrenorm"])
+    seeds: dict[Budget, list[int]]
+    """Seeds per machine class (a class without an entry runs no repeats: the main table is its one seed)."""
+    budgets: dict[Budget, StudyBudget] = Field(default_factory=dict)
+    """Overrides on top of the dataset's budget for these runs (e.g. a shorter CPU run for many seeds)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> StudySeeds:
+        for b, seeds in self.seeds.items():
+            if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+                raise ValueError(f"seeds.{b}: seeds must be distinct and >= 0, got {seeds}")
+        if not self.variants:
+            raise ValueError("seeds.variants is empty: name the variants to repeat")
+        return self
+
+
 class StudyDataset(StrictModel):
     """A dataset of the study: the base training config (its norm and input normalization are replaced
     per variant), the budgets, and the measurement settings."""
@@ -101,6 +127,10 @@ class StudyDataset(StrictModel):
     train: TrainConfig
     budgets: dict[Budget, StudyBudget] = Field(default_factory=dict)
     measure: StudyMeasure = Field(default_factory=StudyMeasure)
+    independent: list[IndependentImages] = Field(default_factory=list)
+    """Labelled images from other sources (another microscope, bit depth, annotator): every run is also scored
+    on them, each image normalized on its own as the variant's input normalization says."""
+    seeds: StudySeeds | None = None
 
     @model_validator(mode="after")
     def _check(self) -> StudyDataset:
@@ -127,6 +157,12 @@ class StudyConfig(StrictModel):
                 raise ValueError(f"{what} names must be unique; repeated: {sorted(dup)}")
         if not self.datasets or not self.variants:
             raise ValueError("the study needs at least one dataset and one variant")
+        known = {v.name for v in self.variants}
+        for ds in self.datasets:
+            unknown = set(ds.seeds.variants) - known if ds.seeds is not None else set()
+            if unknown:
+                raise ValueError(f"dataset {ds.name}: seeds.variants {sorted(unknown)} are not variants of the study "
+                                 f"({sorted(known)})")
         return self
 
     def resolve_paths(self, base_dir: str | os.PathLike[str]) -> StudyConfig:
@@ -162,6 +198,16 @@ class VariantResult(BaseModel):
     predict_tile: list[int]
     validation_shape: list[int]
     device: str
+    seed: int | None = None
+    """The repeat's seed (None: a row of the main table, trained with the config's own seeds)."""
+    independent: list[IndependentScore] | None = None
+    """Dice on every image of the dataset's independent sets."""
+
+    @property
+    def dice_independent(self) -> list[float] | None:
+        from .metrics.independent import mean_dice
+
+        return mean_dice(self.independent) if self.independent else None
 
     @property
     def seamless(self) -> bool:
@@ -177,14 +223,24 @@ def pick_budget(budget: str) -> Budget:
     return budget  # type: ignore[return-value]
 
 
-def variant_config(dataset: StudyDataset, variant: StudyVariant, budget: Budget) -> TrainConfig:
+def variant_config(dataset: StudyDataset, variant: StudyVariant, budget: Budget, *,
+                   seed: int | None = None) -> TrainConfig:
     """The training config of one run: the dataset's base config, the variant's norm and input
-    normalization, the budget's overrides (validated again as a whole)."""
+    normalization, the budget's overrides (validated again as a whole); with ``seed``, a repeat: the seeds'
+    budget overrides on top, and ``seed`` as the network's and the tiles' seed."""
     cfg = dataset.train.model_dump(mode="json")
     cfg["model"]["norm"]["kind"] = variant.norm
     cfg["data"]["input_normalization"]["mode"] = variant.input_normalization
-    b = dataset.budgets.get(budget)
-    if b is not None:
+    budgets = [dataset.budgets.get(budget)]
+    if seed is not None:
+        if dataset.seeds is None:
+            raise ValueError(f"dataset {dataset.name} has no seeds block")
+        budgets.append(dataset.seeds.budgets.get(budget))
+        cfg["seed"] = seed
+        cfg["data"]["seed"] = seed
+    for b in budgets:
+        if b is None:
+            continue
         for key in ("steps", "batch_size", "grad_accumulation", "validate_every", "amp"):
             v = getattr(b, key)
             if v is not None:
@@ -209,8 +265,11 @@ def measure_variant(
     device: str = "auto",
     figures_dir: Path | None = None,
     progress: bool = False,
+    seed: int | None = None,
+    sweep: bool = True,
 ) -> VariantResult:
-    """Measure a trained run like the paper's Table 1 on its held-out region (and draw its figures)."""
+    """Measure a trained run like the paper's Table 1 on its held-out region (and draw its figures), and on
+    the dataset's independent images."""
     from .checkpoint import load_checkpoint
     from .data import build_training_data
     from .introspect import resolve_device
@@ -265,8 +324,11 @@ def measure_variant(
     mm = tile_mismatch(net, image, halo=halo, crop_shape=ms.mismatch_crop, stride=ms.mismatch_stride,
                        tile=ms.mismatch_tile, offset=ms.mismatch_offset, max_crops=ms.max_crops, context=run,
                        progress=progress)
-    sizes = ms.sweep_sizes or _default_sweep(image.shape[1:], halo, divisor)
-    sweep = tile_size_sweep(net, image, targets, halo=halo, tile_sizes=sizes, context=run)
+    points = []
+    if sweep:
+        sizes = ms.sweep_sizes or _default_sweep(image.shape[1:], halo, divisor)
+        points = tile_size_sweep(net, image, targets, halo=halo, tile_sizes=sizes, context=run).points
+    independent = _independent_scores(model, cfg, dataset, tile, halo, dev, base_dir)
     if figures_dir is not None:
         _variant_figures(figures_dir, dataset.name, variant.name, mm, disp)
     log_rows = info.extra.get("train_seconds")
@@ -286,12 +348,49 @@ def measure_variant(
         mismatch=[float(v) for v in mm.mismatch],
         max_dist=float(mm.max_dist),
         mismatch_geometry=mm.geometry.model_dump(mode="json"),
-        sweep=[{"tile_shape": list(p.tile_shape), "score": list(p.score)} for p in sweep.points],
+        sweep=[{"tile_shape": list(p.tile_shape), "score": list(p.score)} for p in points],
         halo=list(halo),
         predict_tile=list(tile),
         validation_shape=list(image.shape[1:]),
         device=str(dev),
+        seed=seed,
+        independent=independent,
     )
+
+
+def _independent_scores(model: torch.nn.Module, cfg: TrainConfig, dataset: StudyDataset, tile: tuple[int, ...],
+                        halo: tuple[int, ...], device: Any, base_dir: Any) -> list[IndependentScore] | None:
+    """Dice on the dataset's independent images, each normalized on its own as the run's input normalization
+    says (global: quantiles of that whole image; tile-wise: of every tile), tiles and halo of the held-out run."""
+    if not dataset.independent:
+        return None
+    from .data import fit_normalization, instances_to_targets, load_independent
+    from .metrics import TilewiseNormalized, independent_dice
+    from .tiling import TiledPredictor
+
+    settings = cfg.data.input_normalization
+    t = cfg.data.targets
+    if settings.mode == "tilewise":
+        net: torch.nn.Module = TilewiseNormalized.from_settings(model, settings)
+
+        def preprocess(raw: np.ndarray) -> np.ndarray:
+            return raw
+    else:
+        net = model
+
+        def preprocess(raw: np.ndarray) -> np.ndarray:
+            return fit_normalization(settings, raw).apply(raw)
+
+    def targets(labels: np.ndarray, _channels: int) -> np.ndarray:
+        return instances_to_targets(labels, boundary_width=t.boundary_width, background=t.background,
+                                    fill_holes=t.fill_holes)
+
+    predict = TiledPredictor(net, tile, halo, batch_size=1, device=device).predict
+    scores: list[IndependentScore] = []
+    for spec in dataset.independent:
+        images = load_independent(spec, base_dir, dims=len(tile))
+        scores += independent_dice(predict, images, preprocess=preprocess, targets=targets)
+    return scores
 
 
 def norm_has_running_stats(model: torch.nn.Module) -> bool:
@@ -355,6 +454,26 @@ def _train_run(cfg: TrainConfig, run_dir: Path, base_dir: Path | None, device: s
     return result.last, trainer.extra["train_seconds"]
 
 
+def seed_run_dir(config: StudyConfig, dataset: str, variant: str, seed: int) -> Path:
+    """Run folder of a repeat: OUT_DIR/DATASET/seeds/VARIANT/seedN/."""
+    return config.out_dir / dataset / "seeds" / variant / f"seed{seed}"
+
+
+def seed_plan(config: StudyConfig, budget: Budget) -> list[tuple[StudyDataset, StudyVariant, int]]:
+    """Every repeat of the study on this machine class: ``(dataset, variant, seed)``, seeds outermost."""
+    by_name = {v.name: v for v in config.variants}
+    plan = []
+    for ds in config.datasets:
+        if ds.seeds is None:
+            continue
+        for seed in ds.seeds.seeds.get(budget, []):
+            plan += [(ds, by_name[name], seed) for name in ds.seeds.variants if name in by_name]
+    return plan
+
+
+RunSet = Literal["all", "main", "seeds"]
+
+
 def run_study(
     config: StudyConfig,
     *,
@@ -365,8 +484,10 @@ def run_study(
     base_dir: str | os.PathLike[str] | None = None,
     command: str | None = None,
     progress: bool = False,
+    runs: RunSet = "all",
 ) -> list[VariantResult]:
-    """Train (or reuse) and measure every selected dataset x variant; write the report. Returns the rows."""
+    """Train (or reuse) and measure every selected dataset x variant, then the selected repeats (``seeds``);
+    write the report. ``runs`` picks the main table, the repeats or both. Returns the rows."""
     b = pick_budget(budget)
     base = Path(base_dir) if base_dir is not None else None
     known_ds = {d.name for d in config.datasets}
@@ -377,17 +498,31 @@ def run_study(
             raise ValueError(f"unknown {what}(s) {sorted(unknown)}; the config has {sorted(known)}")
     figures = _figures_dir(config.report)
     rows: list[VariantResult] = []
-    for ds in config.datasets:
-        if datasets and ds.name not in datasets:
-            continue
-        for v in config.variants:
-            if variants and v.name not in variants:
+
+    def selected(ds: StudyDataset, v: StudyVariant) -> bool:
+        return (not datasets or ds.name in datasets) and (not variants or v.name in variants)
+
+    if runs in ("all", "main"):
+        for ds in config.datasets:
+            for v in config.variants:
+                if not selected(ds, v):
+                    continue
+                run_dir = config.out_dir / ds.name / v.name
+                cfg = variant_config(ds, v, b)
+                logger.info("study: %s / %s (%s budget, %d steps)", ds.name, v.name, b, cfg.steps)
+                ckpt, _ = _train_run(cfg, run_dir, base, device, progress, b)
+                row = measure_variant(ckpt, ds, v, base_dir=base, device=device or cfg.device, figures_dir=figures)
+                atomic_write_text(run_dir / "measure.json", row.model_dump_json(indent=2))
+                rows.append(row)
+    if runs in ("all", "seeds"):
+        for ds, v, seed in seed_plan(config, b):
+            if not selected(ds, v):
                 continue
-            run_dir = config.out_dir / ds.name / v.name
-            cfg = variant_config(ds, v, b)
-            logger.info("study: %s / %s (%s budget, %d steps)", ds.name, v.name, b, cfg.steps)
+            run_dir = seed_run_dir(config, ds.name, v.name, seed)
+            cfg = variant_config(ds, v, b, seed=seed)
+            logger.info("study: %s / %s seed %d (%s budget, %d steps)", ds.name, v.name, seed, b, cfg.steps)
             ckpt, _ = _train_run(cfg, run_dir, base, device, progress, b)
-            row = measure_variant(ckpt, ds, v, base_dir=base, device=device or cfg.device, figures_dir=figures)
+            row = measure_variant(ckpt, ds, v, base_dir=base, device=device or cfg.device, seed=seed, sweep=False)
             atomic_write_text(run_dir / "measure.json", row.model_dump_json(indent=2))
             rows.append(row)
     write_study_report(config, budget=b, command=command)
@@ -400,6 +535,7 @@ def _figures_dir(report: Path) -> Path:
 
 
 def load_results(config: StudyConfig) -> list[VariantResult]:
+    """The main table's rows that have been measured (``measure.json``)."""
     rows = []
     for ds in config.datasets:
         for v in config.variants:
@@ -407,6 +543,148 @@ def load_results(config: StudyConfig) -> list[VariantResult]:
             if path.exists():
                 rows.append(VariantResult.model_validate(json.loads(path.read_text())))
     return rows
+
+
+def load_seed_results(config: StudyConfig, budget: Budget) -> list[VariantResult]:
+    """The repeats of this machine class that have been measured."""
+    rows = []
+    for ds, v, seed in seed_plan(config, budget):
+        path = seed_run_dir(config, ds.name, v.name, seed) / "measure.json"
+        if path.exists():
+            rows.append(VariantResult.model_validate(json.loads(path.read_text())))
+    return rows
+
+
+# -- statistics over seeds ---------------------------------------------------------------------------------
+def _mean_sd(values: Sequence[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "n/a"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def paired_ordering(a: str, b: str, xa: dict[int, float], xb: dict[int, float], *,
+                    higher_is_better: bool, level: float = 0.05) -> str:
+    """One pairwise statement from per-seed values of two variants, paired by seed (same initialization and
+    tile order): ``a > b`` when the mean per-seed difference is nonzero by a two-sided paired t-test at
+    ``level`` (t > t(1 - level/2, n - 1)), ``a ≈ b`` when not, ``a = b`` when every seed ties. Differences that
+    are the same on every seed (spread 0) are significant by construction. ``>`` means better."""
+    from scipy import stats
+
+    seeds = sorted(set(xa) & set(xb))
+    d = np.array([xa[s] - xb[s] for s in seeds], dtype=np.float64)
+    if not higher_is_better:
+        d = -d
+    n = len(d)
+    if n < 2:
+        return f"{a} ? {b} (one seed: no spread)"
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    diff = f"better by {abs(mean):.3g} ± {sd:.3g} (mean ± sd over {n} seeds)"
+    if sd == 0.0:
+        if mean == 0.0:
+            return f"{a} = {b} (identical on every seed)"
+        t_stat, p = float("inf"), 0.0
+    else:
+        t_stat = mean / (sd / np.sqrt(n))
+        p = float(2 * stats.t.sf(abs(t_stat), n - 1))
+    if p < level:
+        hi, lo = (a, b) if mean > 0 else (b, a)
+        return f"{hi} > {lo} ({hi} {diff}; paired t-test p = {p:.2g})"
+    return f"{a} ≈ {b} (difference {mean:+.3g} ± {sd:.3g} over {n} seeds; p = {p:.2g}, not resolved)"
+
+
+def _seed_values(rows: Sequence[VariantResult], variant: str, pick: Any) -> dict[int, float]:
+    out = {}
+    for r in rows:
+        if r.variant == variant and r.seed is not None:
+            v = pick(r)
+            if v is not None:
+                out[r.seed] = float(v)
+    return out
+
+
+#: The figures compared across seeds: label, value of a row (None: not applicable), higher is better.
+_SEED_METRICS: list[tuple[str, Any, bool]] = [
+    ("Dice eval, foreground", lambda r: r.dice_eval[0], True),
+    ("Dice eval, boundary", lambda r: r.dice_eval[1] if len(r.dice_eval) > 1 else None, True),
+    ("train/eval disparity, worst class", lambda r: max(r.disparity) if r.disparity else None, False),
+    ("tile mismatch max_dist", lambda r: r.max_dist, False),
+    ("Dice on the independent images, foreground",
+     lambda r: r.dice_independent[0] if r.dice_independent else None, True),
+]
+
+
+def _seed_section(config: StudyConfig, ds: StudyDataset, rows: list[VariantResult], budget: Budget) -> list[str]:
+    assert ds.seeds is not None
+    seeds = ds.seeds.seeds.get(budget, [])
+    names = [n for n in ds.seeds.variants if any(r.variant == n for r in rows)]
+    v0 = variant_config(ds, next(v for v in config.variants if v.name == names[0]), budget, seed=seeds[0])
+    done = {(r.variant, r.seed) for r in rows}
+    missing = [f"{n} seed {s}" for s in seeds for n in ds.seeds.variants if (n, s) not in done]
+    lines = [
+        f"### {ds.name}: {len(seeds)} seeds",
+        "",
+        f"{', '.join(ds.seeds.variants)} trained again with seeds {', '.join(map(str, seeds))} (the seed sets the "
+        "network's initialization and the order of the training tiles; runs with the same seed see the same tiles, "
+        f"so variants are compared seed by seed). Budget ({budget}): {v0.steps} steps of batch {v0.batch_size} x "
+        f"{v0.grad_accumulation} accumulated passes on tiles {list(v0.data.tile_shape)}, BatchRenorm warm-up "
+        f"{v0.schedule.warmup_steps} steps, ramp {v0.schedule.ramp_steps} steps"
+        + (", shorter than the main table's" if budget in ds.seeds.budgets else "")
+        + ". Mean ± standard deviation over the seeds; values are foreground / boundary."
+        + (f" Not measured yet: {', '.join(missing)}." if missing else ""),
+        "",
+    ]
+    n_images = max((len(r.independent or []) for r in rows), default=0)
+    indep = f"{n_images} image{'s' if n_images != 1 else ''}" if n_images else ""
+    head = "| norm | input norm | seeds | Dice eval | disparity | max_dist |" + (
+        f" Dice independent (mean of {indep}) |" if indep else "")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in names:
+        rs = [r for r in rows if r.variant == name]
+        per_class = range(len(rs[0].dice_eval))
+        dice_eval = " / ".join(_mean_sd([r.dice_eval[c] for r in rs]) for c in per_class)
+        disp = ("n/a" if rs[0].disparity is None else
+                " / ".join(_mean_sd([r.disparity[c] for r in rs if r.disparity]) for c in per_class))
+        row = (f"| {rs[0].norm} | {rs[0].input_normalization} | {len(rs)} | {dice_eval} | {disp} | "
+               f"{_mean_sd([r.max_dist for r in rs])} |")
+        if indep:
+            ind = [r.dice_independent for r in rs if r.dice_independent]
+            row += (" " + " / ".join(_mean_sd([v[c] for v in ind]) for c in per_class) + " |") if ind else " n/a |"
+        lines.append(row)
+    lines += ["", "Orderings, from the spread (each pair compared seed by seed; '>' is better; a paired t-test at "
+              "the 5% level decides; '≈' when the seeds do not resolve the difference):", ""]
+    for label, pick, higher in _SEED_METRICS:
+        vals = {n: _seed_values(rows, n, pick) for n in names}
+        have = [n for n in names if vals[n]]
+        if len(have) < 2:
+            continue
+        pairs = [paired_ordering(a, b, vals[a], vals[b], higher_is_better=higher)
+                 for i, a in enumerate(have) for b in have[i + 1:]]
+        lines.append(f"- **{label}**: " + "; ".join(pairs) + ".")
+    lines += ["", "Every run:", "", "| variant | seed | steps | Dice eval | disparity | max_dist |"
+              + (" Dice independent |" if indep else ""),
+              "|---|---|---|---|---|---|" + ("---|" if indep else "")]
+    for r in sorted(rows, key=lambda r: (names.index(r.variant), r.seed or 0)):
+        lines.append(f"| {r.variant} | {r.seed} | {r.steps} | {_pair(r.dice_eval)} | {_pair(r.disparity)} | "
+                     f"{r.max_dist:.2g} |" + (f" {_pair(r.dice_independent)} |" if indep else ""))
+    if n_images:
+        image_names = [s.name for s in next(r for r in rows if r.independent).independent or []]
+        lines += ["", "Foreground Dice per independent image (mean ± sd over the seeds):", "",
+                  "| image | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for i, image in enumerate(image_names):
+            cells = []
+            for name in names:
+                vals = [r.independent[i].dice[0] for r in rows
+                        if r.variant == name and r.independent and len(r.independent) > i]
+                cells.append(_mean_sd(vals) if vals else "n/a")
+            lines.append(f"| {image} | " + " | ".join(cells) + " |")
+    if ds.independent:
+        lines += ["", "Independent images (each normalized on its own, as the variant's input normalization says):",
+                  ""]
+        for spec in ds.independent:
+            planes = f", planes {spec.planes}" if spec.planes else ""
+            lines.append(f"- `{spec.name}`: {spec.description}{planes}. Source: {spec.source}. Licence: "
+                         f"{spec.license}.")
+    return [*lines, ""]
 
 
 def _pair(values: Sequence[float] | None, fmt: str = "{:.3f}") -> str:
@@ -517,6 +795,13 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
                 png = figures / f"{ds.name}_{r.variant}_{kind}.png"
                 if png.exists() and r.variant in _FIGURE_VARIANTS[kind]:
                     lines += [f"**{r.variant}**, {caption}:", "", f"![{r.variant} {kind}]({rel}/{png.name})", ""]
+    seed_rows = load_seed_results(config, budget)  # type: ignore[arg-type]
+    if seed_rows:
+        lines += ["## Repeats with other seeds: mean, spread and orderings", ""]
+        for ds in config.datasets:
+            ds_seed_rows = [r for r in seed_rows if r.dataset == ds.name]
+            if ds_seed_rows:
+                lines += _seed_section(config, ds, ds_seed_rows, budget)  # type: ignore[arg-type]
     atomic_write_text(config.report, "\n".join(lines).rstrip() + "\n")
     return config.report
 

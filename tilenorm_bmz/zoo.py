@@ -27,8 +27,11 @@ from pydantic import Field
 
 from ._version import __version__
 from .config import ExportConfig, GateConfig, StrictModel, TrainConfig, atomic_write_text
+from .data.independent import IndependentImages
+from .metrics.independent import IndependentScore
 
-__all__ = ["ZooEntry", "ZooBuild", "build_entry", "check_zoo", "find_entries", "list_zoo", "gate_data"]
+__all__ = ["ZooEntry", "ZooBuild", "build_entry", "check_zoo", "find_entries", "gate_data", "list_zoo",
+           "package_dice"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,9 @@ class ZooEntry(StrictModel):
     run_dir: Path = Path("run")
     """Where ``zoo build`` trains when there is no checkpoint."""
     gate: GateConfig = Field(default_factory=GateConfig)
+    independent: list[IndependentImages] = Field(default_factory=list)
+    """Labelled images from other sources than the training data (another microscope, bit depth, annotator):
+    ``zoo check`` scores the package on them as shipped and writes the figures into the README."""
 
     @property
     def package_name(self) -> str:
@@ -142,6 +148,7 @@ def build_entry(folder: str | os.PathLike[str], *, retrain: bool = False, progre
     report = validate_package(package, image, labels, config=entry.gate, out_dir=folder / "gate", name=name,
                               progress=progress)
     readme = write_readme(folder, entry, cfg, ckpt, report, export_cfg)
+    write_independent(folder, entry)
     return ZooBuild(folder, package, ckpt, report.accepted, report.report_html, readme)
 
 
@@ -151,8 +158,50 @@ def _gate_hook(config: GateConfig, image: np.ndarray, labels: np.ndarray, name: 
     return gate_hook(config, data=image, labels=labels, name=name)
 
 
+def package_dice(package: str | os.PathLike[str], specs: list[IndependentImages], *,
+                 base_dir: str | os.PathLike[str] | None = None, device: str = "auto",
+                 threshold: float = 0.5) -> list[IndependentScore]:
+    """Dice of a package as shipped on labelled images: each image preprocessed by the package's own pipeline
+    (bioimage.io's, on the whole image), predicted tile by tile with the package's halo, scored against the
+    training targets of its labels (the gate's rule for instance labels)."""
+    from .bmz.gate import _targets
+    from .bmz.subject import load_subject
+    from .data import load_independent
+    from .metrics import independent_dice
+    from .tiling import TiledPredictor
+
+    subject = load_subject(package, GateConfig())
+    halo = tuple(subject.declared_halo or (0,) * subject.dims)
+    scores: list[IndependentScore] = []
+    for spec in specs:
+        images = load_independent(spec, base_dir, dims=subject.dims)
+        for im in images:
+            spatial = tuple(im.labels.shape)
+            tile = _eval_tile(spatial, halo, subject.divisor)
+            predict = TiledPredictor(subject.network, tile, halo, device=device, divisor=subject.divisor).predict
+
+            def targets(labels: np.ndarray, channels: int, _spatial: tuple[int, ...] = spatial) -> np.ndarray:
+                return _targets(labels, _spatial, channels, subject.dims)[1]
+
+            scores += independent_dice(predict, [im], preprocess=subject.preprocess, targets=targets,
+                                       threshold=threshold)
+    return scores
+
+
+def _eval_tile(spatial: tuple[int, ...], halo: tuple[int, ...], divisor: tuple[int, ...]) -> tuple[int, ...]:
+    """Tiles of 128 voxels of output (at least twice the halo) plus the halo, a multiple of the divisor, never
+    larger than the image padded to the divisor."""
+    out = []
+    for s, h, d in zip(spatial, halo, divisor, strict=True):
+        want = max(128, 2 * h) + 2 * h
+        cap = -(-(s + 2 * h) // d) * d
+        out.append(-(-min(want, cap) // d) * d)
+    return tuple(out)
+
+
 def check_zoo(root: str | os.PathLike[str], *, progress: bool = False) -> list[tuple[str, Any]]:
-    """Re-validate every package of the zoo on its held-out data; returns ``(name, GateReport)`` pairs."""
+    """Re-validate every package of the zoo on its held-out data, score it as shipped on its independent images
+    (``gate/independent.json`` and the README's section); returns ``(name, GateReport)`` pairs."""
     from .bmz import validate_package
 
     out = []
@@ -165,8 +214,81 @@ def check_zoo(root: str | os.PathLike[str], *, progress: bool = False) -> list[t
         image, labels, name = gate_data(cfg, folder)
         report = validate_package(package, image, labels, config=entry.gate, out_dir=folder / "gate",
                                   name=name, progress=progress)
+        write_independent(folder, entry)
         out.append((entry.name, report))
     return out
+
+
+INDEPENDENT_START = "<!-- zoo check: independent images -->"
+INDEPENDENT_END = "<!-- /zoo check -->"
+
+
+def write_independent(folder: Path, entry: ZooEntry) -> list[IndependentScore]:
+    """Score the package on the entry's independent images; write ``gate/independent.json`` and the README's
+    section (between its markers, else before *Use it*)."""
+    if not entry.independent:
+        return []
+    from datetime import date
+
+    from .metrics.independent import object_diameter
+
+    scores = package_dice(folder / entry.package_name, entry.independent, base_dir=folder)
+    _, labels, _ = gate_data(TrainConfig.from_yaml(folder / entry.train), folder)
+    n, diameter = object_diameter(labels)
+    record = {"package": entry.package_name, "measured": date.today().isoformat(),
+              "training_objects": {"held_out_region": n, "median_diameter": diameter},
+              "sets": [s.model_dump(mode="json") for s in entry.independent],
+              "scores": [s.model_dump(mode="json") for s in scores]}
+    (folder / "gate").mkdir(exist_ok=True)
+    atomic_write_text(folder / "gate" / "independent.json", json.dumps(record, indent=2) + "\n")
+    readme = folder / "README.md"
+    if readme.exists():
+        text = readme.read_text()
+        section = "\n".join(independent_section(entry, scores, record["measured"], diameter))
+        if INDEPENDENT_START in text and INDEPENDENT_END in text:
+            head, rest = text.split(INDEPENDENT_START, 1)
+            text = head + section + rest.split(INDEPENDENT_END, 1)[1]
+        elif "\n## Use it" in text:
+            head, rest = text.split("\n## Use it", 1)
+            text = head + section + "\n\n## Use it" + rest
+        else:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        atomic_write_text(readme, text)
+    return scores
+
+
+def independent_section(entry: ZooEntry, scores: list[IndependentScore], measured: str,
+                        training_diameter: float | None = None) -> list[str]:
+    """The README's section of the Dice on independent images (between markers ``zoo check`` rewrites)."""
+    from .metrics import mean_dice
+
+    unit = "px" if scores and len(scores[0].shape) == 2 else "voxels"
+    size = (f" The training image's nuclei are {training_diameter:.0f} {unit} across (median equivalent diameter, "
+            "held-out region); on images whose nuclei are much larger or smaller, rescale first."
+            if training_diameter else "")
+    lines = [INDEPENDENT_START, "## On images from other sources", "",
+             f"Dice of the package as shipped (its own preprocessing on each whole image, tiled with its halo) "
+             f"against the labels, measured by `tilenorm-bmz zoo check` on {measured}. These images come from "
+             "other sources than the training image (microscope, cell line, bit depth, annotator): they say what "
+             f"to expect on your own data.{size}", "",
+             "| set | image | dtype, values | nuclei, diameter | Dice (foreground / boundary) |",
+             "|---|---|---|---|---|"]
+    for spec in entry.independent:
+        mine = [s for s in scores if s.name == spec.name or s.name.startswith(f"{spec.name}[")]
+        for s in mine:
+            lo, hi = s.value_range
+            d = f"{s.objects}, {s.object_diameter:.0f} {unit}" if s.object_diameter else f"{s.objects}"
+            lines.append(f"| {spec.name} | {s.name} {tuple(s.shape)} | {s.dtype}, {lo:g}..{hi:g} | {d} | "
+                         f"{_fmt(s.dice)} |")
+        if len(mine) > 1:
+            lines.append(f"| {spec.name} | **mean of {len(mine)}** | | | **{_fmt(mean_dice(mine))}** |")
+    if len(scores) > 1:
+        lines.append(f"| **all** | **mean of {len(scores)}** | | | **{_fmt(mean_dice(scores))}** |")
+    lines.append("")
+    for spec in entry.independent:
+        planes = f" Planes {spec.planes} along the first axis, each a 2D image." if spec.planes else ""
+        lines.append(f"- `{spec.name}`: {spec.description}.{planes} Source: {spec.source}. Licence: {spec.license}.")
+    return [*lines, INDEPENDENT_END]
 
 
 def list_zoo(root: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ Contracts other modules rely on:
 
 from ..config import DataConfig, InputNormalization
 from .dataset import DataPair, TrainingData, ValidationItem, build_training_data, open_pairs
+from .independent import IndependentImage, IndependentImages, load_independent
 from .io import (
     IMAGE_SUFFIXES,
     Image,
@@ -40,6 +41,8 @@ __all__ = [
     "DataPair",
     "FittedNormalization",
     "Image",
+    "IndependentImage",
+    "IndependentImages",
     "ImageFormatError",
     "InputNormalization",
     "OutputArray",
@@ -60,6 +63,7 @@ __all__ = [
     "fit_normalization",
     "instances_to_targets",
     "list_samples",
+    "load_independent",
     "load_sample",
     "normalize",
     "open_image",

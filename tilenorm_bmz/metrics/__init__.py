@@ -28,6 +28,7 @@ from ._common import MetricResult, RunContext, RunOptions, eval_mode, resolve_de
 from .dice import dice
 from .disparity import DisparityFigure, DisparityResult, norm_layers, train_eval_disparity
 from .halo import COUPLED, HaloSufficiencyResult, halo_sufficiency
+from .independent import IndependentScore, independent_dice, mean_dice
 from .mismatch import MismatchFigure, MismatchGeometry, TileMismatchResult, mismatch_geometry, tile_mismatch
 from .seams import SeamFigure, TiledVsWholeResult, tiled_vs_whole
 from .sweep import DEFAULT_SWEEP_SIZES, SweepPoint, SweepResult, tile_size_sweep
@@ -39,6 +40,7 @@ __all__ = [
     "DisparityFigure",
     "DisparityResult",
     "HaloSufficiencyResult",
+    "IndependentScore",
     "MetricResult",
     "MismatchFigure",
     "MismatchGeometry",
@@ -52,8 +54,10 @@ __all__ = [
     "TiledVsWholeResult",
     "TilewiseNormalized",
     "dice",
+    "independent_dice",
     "eval_mode",
     "halo_sufficiency",
+    "mean_dice",
     "mismatch_geometry",
     "norm_layers",
     "resolve_device",
