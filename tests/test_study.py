@@ -196,7 +196,7 @@ def test_seed_repeats_report_mean_spread_orderings_and_independent_dice(tmp_path
     rows = {}
     for v in ("batchnorm", "batchrenorm"):
         for seed in (0, 1):
-            run = tmp_path / "runs" / "synth2d" / "seeds" / v / f"seed{seed}"
+            run = tmp_path / "runs" / "synth2d" / "seeds" / "cpu" / v / f"seed{seed}"
             m = json.loads((run / "measure.json").read_text())
             assert m["seed"] == seed and m["steps"] == 2
             assert [s["name"] for s in m["independent"]] == ["other[0]", "other[2]"]
@@ -206,7 +206,7 @@ def test_seed_repeats_report_mean_spread_orderings_and_independent_dice(tmp_path
     from tilenorm_bmz.checkpoint import load_checkpoint
 
     def first_weight(variant: str, seed: int):
-        model, _ = load_checkpoint(tmp_path / "runs" / "synth2d" / "seeds" / variant / f"seed{seed}" / "last.pt")
+        model, _ = load_checkpoint(tmp_path / "runs" / "synth2d" / "seeds" / "cpu" / variant / f"seed{seed}" / "last.pt")
         return next(iter(model.parameters())).detach()
 
     assert not first_weight("batchnorm", 0).equal(first_weight("batchnorm", 1))
@@ -214,7 +214,7 @@ def test_seed_repeats_report_mean_spread_orderings_and_independent_dice(tmp_path
     assert "## Repeats with other seeds" in report and "### synth2d: 2 seeds" in report
     assert "| batchnorm | global | 2 |" in report and " ± " in report
     assert "Dice independent (mean of 2 images)" in report and "Licence: CC0" in report
-    assert "**tile mismatch max_dist**: batchnorm = batchrenorm (identical on every seed)" in report
+    assert "**tile mismatch max_dist**: batchnorm = batchrenorm (equal on every seed)" in report
     assert "**Dice eval, foreground**:" in report
 
 
@@ -231,18 +231,43 @@ def test_seed_config_sets_both_seeds_and_the_shorter_budget(tmp_path) -> None:
         StudyConfig.model_validate(bad)
 
 
-def test_paired_ordering_decides_from_the_spread() -> None:
-    from tilenorm_bmz.study import paired_ordering
+def test_same_seed_same_tiles_across_variants_other_seed_other_tiles(tmp_path) -> None:
+    """The pairing the orderings rely on: variants with one seed train on the same tiles in the same order."""
+    from tilenorm_bmz.data import build_training_data
 
-    clear = paired_ordering("a", "b", {0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.8, 1: 0.82, 2: 0.8}, higher_is_better=True)
-    assert clear.startswith("a > b")
-    noisy = paired_ordering("a", "b", {0: 0.9, 1: 0.7, 2: 0.95}, {0: 0.8, 1: 0.85, 2: 0.8}, higher_is_better=True)
-    assert noisy.startswith("a ≈ b") and "not resolved" in noisy
-    lower = paired_ordering("a", "b", {0: 0.0, 1: 0.0, 2: 0.01}, {0: 0.2, 1: 0.21, 2: 0.2}, higher_is_better=False)
-    assert lower.startswith("a > b")  # lower disparity is better
-    same_gap = paired_ordering("a", "b", {0: 1.0, 1: 1.0}, {0: 0.0, 1: 0.0}, higher_is_better=False)
-    assert same_gap.startswith("b > a") and "p = 0" in same_gap
-    assert paired_ordering("a", "b", {0: 0.5}, {0: 0.4}, higher_is_better=True).startswith("a ? b")
+    cfg = StudyConfig.model_validate(_seeded(tmp_path))
+    ds = cfg.datasets[0]
+
+    def tiles(variant: int, seed: int) -> list:
+        data = build_training_data(variant_config(ds, cfg.variants[variant], "cpu", seed=seed).data)
+        return [(t.slices, t.flipped) for t in (data.train.sample_at(i) for i in range(4))]
+
+    assert tiles(0, 1) == tiles(1, 1)  # batchnorm and batchrenorm, seed 1
+    assert tiles(0, 1) != tiles(0, 2)
+
+
+def test_paired_ordering_decides_from_the_spread() -> None:
+    from tilenorm_bmz.study import holm, paired_ordering, paired_test
+
+    def say(xa, xb, higher=True, atol=0.0):
+        return paired_ordering(paired_test("a", "b", xa, xb, higher_is_better=higher, atol=atol))
+
+    assert say({0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.8, 1: 0.82, 2: 0.8}).startswith("a > b")
+    noisy = say({0: 0.9, 1: 0.7, 2: 0.95}, {0: 0.8, 1: 0.85, 2: 0.8})
+    assert noisy.startswith("a ≈ b") and "not resolved" in noisy and "a - b = +0.0333" in noisy
+    # lower is better (disparity): a lower -> a better; the difference prints as a - b, negative
+    lower = say({0: 0.0, 1: 0.0, 2: 0.01}, {0: 0.2, 1: 0.21, 2: 0.2}, higher=False)
+    assert lower.startswith("a > b") and "a - b = -0.2" in lower
+    lower_noisy = say({0: 0.0, 1: 0.3, 2: 0.0}, {0: 0.2, 1: 0.0, 2: 0.2}, higher=False)
+    assert lower_noisy.startswith("a ≈ b") and "a - b = -0.0333" in lower_noisy
+    # the same gap on every seed: resolved once there are 3 seeds, never with 2
+    assert say({0: 1.0, 1: 1.0, 2: 1.0}, {0: 0.0, 1: 0.0, 2: 0.0}, higher=False).startswith("b > a")
+    assert say({0: 1.0, 1: 1.0}, {0: 0.0, 1: 0.0}, higher=False).startswith("a ? b")
+    # float noise within the tolerance is equality, not an ordering
+    assert say({0: 1e-7, 1: 2e-7, 2: 1e-7}, {0: 0.0, 1: 0.0, 2: 0.0}, atol=1e-4).startswith("a = b")
+    # only shared seeds are paired
+    assert paired_test("a", "b", {0: 1.0, 1: 2.0, 5: 3.0}, {0: 0.0, 1: 0.0, 2: 0.0}, higher_is_better=True).n == 2
+    assert holm([0.01, None, 0.04, 0.03]) == pytest.approx([0.03, None, 0.06, 0.06])
 
 
 def test_independent_images_config_and_loading(tmp_path) -> None:
@@ -262,3 +287,16 @@ def test_independent_images_config_and_loading(tmp_path) -> None:
         load_independent(IndependentImages.model_validate({"name": "v", "sample": "nuclei3d", **meta}), dims=2)
     with pytest.raises(ValueError, match="planes need a 3D image"):
         load_independent(IndependentImages.model_validate({"name": "p", "sample": "nuclei2d", "planes": [0], **meta}))
+
+
+def test_independent_images_refuse_wrong_channels_and_empty_labels(tmp_path) -> None:
+    from tilenorm_bmz.data import IndependentImages, load_independent
+
+    meta = {"description": "d", "source": "s", "license": "l"}
+    with pytest.raises(ValueError, match=r"1 channel.*model takes 2"):
+        load_independent(IndependentImages.model_validate({"name": "c", "sample": "nuclei2d", **meta}), channels=2)
+    empty = IndependentImages.model_validate({"name": "e", "sample": "nuclei3d", "planes": [0, 30], **meta})
+    with pytest.raises(ValueError, match=r"e\[0\] have no labelled objects"):
+        load_independent(empty, dims=2)
+    rel = IndependentImages.model_validate({"name": "r", "image": "a.tif", "labels": "b.tif", **meta})
+    assert rel.resolve_paths(tmp_path).image == tmp_path / "a.tif"

@@ -136,6 +136,21 @@ def test_published_readmes_report_dice_on_independent_images_as_measured() -> No
     entry = ZooEntry.from_yaml(folder / "zoo.yaml")
     record = json.loads((folder / "gate" / "independent.json").read_text())
     again = package_dice(folder / entry.package_name, entry.independent[:2], base_dir=folder, device="cpu")
-    for new, old in zip(again, record["scores"], strict=False):
-        assert new.name == old["name"]
+    assert record["device"] == "cpu" and len(again) == 2
+    for new, old in zip(again, record["scores"][:2], strict=True):
+        assert new.name == old["name"] and new.objects == old["objects"] > 0
         assert new.dice == pytest.approx(old["dice"], abs=1e-6)
+
+
+def test_readme_section_is_replaced_inserted_or_removed() -> None:
+    from tilenorm_bmz.zoo import INDEPENDENT_END, INDEPENDENT_START, _replace_section
+
+    base = "# m\n\nintro\n\n## Use it\n\nuse\n"
+    section = f"{INDEPENDENT_START}\n## On images from other sources\nA\n{INDEPENDENT_END}"
+    once = _replace_section(base, section)
+    assert once.index("## On images") < once.index("## Use it")
+    twice = _replace_section(once, section.replace("\nA\n", "\nB\n"))
+    assert twice.count(INDEPENDENT_START) == 1 and "\nB\n" in twice and "\nA\n" not in twice
+    assert _replace_section(twice, "").count("On images") == 0 and "## Use it" in _replace_section(twice, "")
+    with pytest.raises(ValueError, match="restore the end marker"):
+        _replace_section(base + INDEPENDENT_START + "\nhalf", section)

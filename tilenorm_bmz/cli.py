@@ -28,6 +28,7 @@ from .config import (
     INPUT_NORM_KINDS,
     NORMALIZATION_CHOICES,
     REPORT_FORMATS,
+    STUDY_RUN_SETS,
     GateConfig,
 )
 from .errors import TilenormError
@@ -62,6 +63,8 @@ ReportFormatOption = _choices("ReportFormatOption", REPORT_FORMATS)
 GateCheckOption = _choices("GateCheckOption", GATE_CHECKS)
 DEFAULT_NORMALIZATION = NormalizationOption("model")
 DEFAULT_REPORT_FORMAT = ReportFormatOption("json")
+RunsOption = _choices("RunsOption", STUDY_RUN_SETS)
+DEFAULT_RUNS = RunsOption("all")
 
 
 def _default(model: Any, field: str) -> str:
@@ -769,7 +772,8 @@ def study(
     variant: Annotated[list[str] | None, typer.Option(help="Only this variant (repeatable).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: the train configs').")] = None,
     report_only: Annotated[bool, typer.Option("--report-only", help="Only rewrite the report from saved results.")] = False,
-    runs: Annotated[str, typer.Option(help="all: the main table and the repeats with other seeds; main; seeds.")] = "all",
+    runs: Annotated[RunsOption, typer.Option(  # type: ignore[valid-type]
+        help="all: the main table and the repeats with other seeds; main; seeds.")] = DEFAULT_RUNS,
 ) -> None:
     """Train and measure the same U-Net with every normalization: the paper's Table 1 on real data.
 
@@ -782,8 +786,6 @@ def study(
     """
     from .study import StudyConfig, pick_budget, run_study, write_study_report
 
-    if runs not in ("all", "main", "seeds"):
-        raise UserError(f"--runs must be all, main or seeds, got {runs!r}")
     cfg = StudyConfig.from_yaml(config).resolve_paths(config.resolve().parent)
     command = f"tilenorm-bmz study {config.as_posix()} --budget {pick_budget(budget)}"  # what reproduces the report
     if report_only:
@@ -791,7 +793,7 @@ def study(
         console.print(f"wrote {path}")
         return
     rows = run_study(cfg, budget=budget, datasets=dataset, variants=variant, device=device,
-                     base_dir=config.resolve().parent, command=command, progress=True, runs=runs)  # type: ignore[arg-type]
+                     base_dir=config.resolve().parent, command=command, progress=True, runs=runs.value)
     table = Table(title="study")
     for col in ("dataset", "variant", "seed", "Dice eval", "Dice train", "disparity", "tile mismatch"):
         table.add_column(col)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ._version import __version__
-from .config import NormKind, StrictModel, TrainConfig, atomic_write_text
+from .config import NormKind, StrictModel, StudyRunSet, TrainConfig, atomic_write_text
 from .data.independent import IndependentImages
 from .metrics.independent import IndependentScore
 
@@ -114,8 +115,12 @@ class StudySeeds(StrictModel):
         for b, seeds in self.seeds.items():
             if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
                 raise ValueError(f"seeds.{b}: seeds must be distinct and >= 0, got {seeds}")
-        if not self.variants:
-            raise ValueError("seeds.variants is empty: name the variants to repeat")
+        if not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"seeds.variants must name distinct variants to repeat, got {self.variants}")
+        unused = set(self.budgets) - set(self.seeds)
+        if unused:
+            raise ValueError(f"seeds.budgets has {sorted(unused)} but seeds.seeds runs none there: add seeds for it "
+                             "or remove the budget")
         return self
 
 
@@ -136,6 +141,9 @@ class StudyDataset(StrictModel):
     def _check(self) -> StudyDataset:
         if self.train.model is None:
             raise ValueError(f"dataset {self.name}: train.model is required")
+        names = [i.name for i in self.independent]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset {self.name}: independent image names must be unique, got {names}")
         return self
 
 
@@ -167,9 +175,12 @@ class StudyConfig(StrictModel):
 
     def resolve_paths(self, base_dir: str | os.PathLike[str]) -> StudyConfig:
         base = Path(base_dir)
+        datasets = [ds.model_copy(update={"independent": [i.resolve_paths(base) for i in ds.independent]})
+                    for ds in self.datasets]
         return self.model_copy(update={
             "out_dir": self.out_dir if self.out_dir.is_absolute() else base / self.out_dir,
             "report": self.report if self.report.is_absolute() else base / self.report,
+            "datasets": datasets,
         })
 
 
@@ -386,10 +397,12 @@ def _independent_scores(model: torch.nn.Module, cfg: TrainConfig, dataset: Study
                                     fill_holes=t.fill_holes)
 
     predict = TiledPredictor(net, tile, halo, batch_size=1, device=device).predict
+    channels = cfg.model.in_channels if cfg.model is not None else None
     scores: list[IndependentScore] = []
     for spec in dataset.independent:
-        images = load_independent(spec, base_dir, dims=len(tile))
-        scores += independent_dice(predict, images, preprocess=preprocess, targets=targets)
+        images = load_independent(spec, base_dir, dims=len(tile), channels=channels)
+        scores += independent_dice(predict, images, preprocess=preprocess, targets=targets,
+                                   threshold=dataset.measure.threshold)
     return scores
 
 
@@ -454,9 +467,9 @@ def _train_run(cfg: TrainConfig, run_dir: Path, base_dir: Path | None, device: s
     return result.last, trainer.extra["train_seconds"]
 
 
-def seed_run_dir(config: StudyConfig, dataset: str, variant: str, seed: int) -> Path:
-    """Run folder of a repeat: OUT_DIR/DATASET/seeds/VARIANT/seedN/."""
-    return config.out_dir / dataset / "seeds" / variant / f"seed{seed}"
+def seed_run_dir(config: StudyConfig, dataset: str, variant: str, seed: int, budget: Budget) -> Path:
+    """Run folder of a repeat: OUT_DIR/DATASET/seeds/BUDGET/VARIANT/seedN/ (each machine class its own)."""
+    return config.out_dir / dataset / "seeds" / budget / variant / f"seed{seed}"
 
 
 def seed_plan(config: StudyConfig, budget: Budget) -> list[tuple[StudyDataset, StudyVariant, int]]:
@@ -471,7 +484,7 @@ def seed_plan(config: StudyConfig, budget: Budget) -> list[tuple[StudyDataset, S
     return plan
 
 
-RunSet = Literal["all", "main", "seeds"]
+RunSet = StudyRunSet
 
 
 def run_study(
@@ -515,13 +528,20 @@ def run_study(
                 atomic_write_text(run_dir / "measure.json", row.model_dump_json(indent=2))
                 rows.append(row)
     if runs in ("all", "seeds"):
-        for ds, v, seed in seed_plan(config, b):
-            if not selected(ds, v):
-                continue
-            run_dir = seed_run_dir(config, ds.name, v.name, seed)
+        plan = [(ds, v, seed) for ds, v, seed in seed_plan(config, b) if selected(ds, v)]
+        if not plan:
+            logger.warning("study: no repeats with other seeds for the %s budget in the selection (a dataset's "
+                           "seeds block lists them per machine class)", b)
+        for ds, v, seed in plan:
+            run_dir = seed_run_dir(config, ds.name, v.name, seed, b)
             cfg = variant_config(ds, v, b, seed=seed)
+            main_dir = config.out_dir / ds.name / v.name
+            if cfg == variant_config(ds, v, b) and (main_dir / "last.pt").exists():
+                train_dir = main_dir  # this repeat is the main table's run: trained once, measured as a repeat
+            else:
+                train_dir = run_dir
             logger.info("study: %s / %s seed %d (%s budget, %d steps)", ds.name, v.name, seed, b, cfg.steps)
-            ckpt, _ = _train_run(cfg, run_dir, base, device, progress, b)
+            ckpt, _ = _train_run(cfg, train_dir, base, device, progress, b)
             row = measure_variant(ckpt, ds, v, base_dir=base, device=device or cfg.device, seed=seed, sweep=False)
             atomic_write_text(run_dir / "measure.json", row.model_dump_json(indent=2))
             rows.append(row)
@@ -549,47 +569,86 @@ def load_seed_results(config: StudyConfig, budget: Budget) -> list[VariantResult
     """The repeats of this machine class that have been measured."""
     rows = []
     for ds, v, seed in seed_plan(config, budget):
-        path = seed_run_dir(config, ds.name, v.name, seed) / "measure.json"
+        path = seed_run_dir(config, ds.name, v.name, seed, budget) / "measure.json"
         if path.exists():
-            rows.append(VariantResult.model_validate(json.loads(path.read_text())))
+            row = VariantResult.model_validate(json.loads(path.read_text()))
+            if row.budget == budget:
+                rows.append(row)
     return rows
 
 
 # -- statistics over seeds ---------------------------------------------------------------------------------
-def _mean_sd(values: Sequence[float]) -> str:
+def _mean_sd(values: Sequence[float], fmt: str = "{:.3f}") -> str:
     if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "n/a"
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+        return fmt.format(values[0]) if values else "n/a"
+    return f"{fmt.format(np.mean(values))} ± {fmt.format(np.std(values, ddof=1))}"
 
 
-def paired_ordering(a: str, b: str, xa: dict[int, float], xb: dict[int, float], *,
-                    higher_is_better: bool, level: float = 0.05) -> str:
-    """One pairwise statement from per-seed values of two variants, paired by seed (same initialization and
-    tile order): ``a > b`` when the mean per-seed difference is nonzero by a two-sided paired t-test at
-    ``level`` (t > t(1 - level/2, n - 1)), ``a ≈ b`` when not, ``a = b`` when every seed ties. Differences that
-    are the same on every seed (spread 0) are significant by construction. ``>`` means better."""
+@dataclass(frozen=True)
+class PairedTest:
+    """Two variants compared seed by seed (same initialization and tile order): ``d = value_a - value_b``."""
+
+    a: str
+    b: str
+    n: int
+    mean: float
+    """Mean of ``a - b`` over the shared seeds."""
+    sd: float
+    p: float | None
+    """Two-sided paired t-test p-value (None: fewer than 3 seeds, or every seed within the tolerance)."""
+    higher_is_better: bool
+    equal: bool
+    """Every per-seed difference is within the metric's tolerance."""
+
+
+MIN_SEEDS = 3
+"""Fewer shared seeds than this give no ordering: a t-test on 2 differences says next to nothing."""
+
+
+def paired_test(a: str, b: str, xa: dict[int, float], xb: dict[int, float], *, higher_is_better: bool,
+                atol: float = 0.0) -> PairedTest:
+    """The paired t-test of two variants' per-seed values (seeds both have)."""
     from scipy import stats
 
     seeds = sorted(set(xa) & set(xb))
     d = np.array([xa[s] - xb[s] for s in seeds], dtype=np.float64)
-    if not higher_is_better:
-        d = -d
     n = len(d)
-    if n < 2:
-        return f"{a} ? {b} (one seed: no spread)"
-    mean, sd = float(d.mean()), float(d.std(ddof=1))
-    diff = f"better by {abs(mean):.3g} ± {sd:.3g} (mean ± sd over {n} seeds)"
-    if sd == 0.0:
-        if mean == 0.0:
-            return f"{a} = {b} (identical on every seed)"
-        t_stat, p = float("inf"), 0.0
-    else:
-        t_stat = mean / (sd / np.sqrt(n))
-        p = float(2 * stats.t.sf(abs(t_stat), n - 1))
+    mean = float(d.mean()) if n else 0.0
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    equal = bool(n) and bool(np.all(np.abs(d) <= atol))
+    p = None
+    if n >= MIN_SEEDS and not equal:
+        p = 0.0 if sd == 0.0 else float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1))
+    return PairedTest(a, b, n, mean, sd, p, higher_is_better, equal)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values (None stays None): the family's error rate stays at the level."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    out: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        out[i] = running
+    return out
+
+
+def paired_ordering(test: PairedTest, p_adjusted: float | None = None, *, level: float = 0.05) -> str:
+    """One statement: ``a > b`` ('>' is better) when the (adjusted) p-value is below ``level``, ``a ≈ b`` when
+    the seeds do not resolve the difference, ``a = b`` within the tolerance on every seed, ``a ? b`` with too
+    few seeds. Differences print as ``a - b``."""
+    t = test
+    p = t.p if p_adjusted is None else p_adjusted
+    spread = f"a - b = {t.mean:+.3g} ± {t.sd:.3g} over {t.n} seeds".replace("a - b", f"{t.a} - {t.b}")
+    if t.equal:
+        return f"{t.a} = {t.b} (equal on every seed)"
+    if t.n < MIN_SEEDS or p is None:
+        return f"{t.a} ? {t.b} ({spread}; fewer than {MIN_SEEDS} seeds: no ordering)"
     if p < level:
-        hi, lo = (a, b) if mean > 0 else (b, a)
-        return f"{hi} > {lo} ({hi} {diff}; paired t-test p = {p:.2g})"
-    return f"{a} ≈ {b} (difference {mean:+.3g} ± {sd:.3g} over {n} seeds; p = {p:.2g}, not resolved)"
+        a_better = (t.mean > 0) == t.higher_is_better
+        hi, lo = (t.a, t.b) if a_better else (t.b, t.a)
+        return f"{hi} > {lo} ({spread}; p = {p:.2g})"
+    return f"{t.a} ≈ {t.b} ({spread}; p = {p:.2g}, not resolved)"
 
 
 def _seed_values(rows: Sequence[VariantResult], variant: str, pick: Any) -> dict[int, float]:
@@ -602,14 +661,15 @@ def _seed_values(rows: Sequence[VariantResult], variant: str, pick: Any) -> dict
     return out
 
 
-#: The figures compared across seeds: label, value of a row (None: not applicable), higher is better.
-_SEED_METRICS: list[tuple[str, Any, bool]] = [
-    ("Dice eval, foreground", lambda r: r.dice_eval[0], True),
-    ("Dice eval, boundary", lambda r: r.dice_eval[1] if len(r.dice_eval) > 1 else None, True),
-    ("train/eval disparity, worst class", lambda r: max(r.disparity) if r.disparity else None, False),
-    ("tile mismatch max_dist", lambda r: r.max_dist, False),
+#: The figures compared across seeds: label, value of a row (None: not applicable), higher is better, and the
+#: tolerance within which two runs count as equal (Dice and disparity to 1e-3; max_dist to the gate's 1e-4).
+_SEED_METRICS: list[tuple[str, Any, bool, float]] = [
+    ("Dice eval, foreground", lambda r: r.dice_eval[0], True, 1e-3),
+    ("Dice eval, boundary", lambda r: r.dice_eval[1] if len(r.dice_eval) > 1 else None, True, 1e-3),
+    ("train/eval disparity, worst class", lambda r: max(r.disparity) if r.disparity else None, False, 1e-3),
+    ("tile mismatch max_dist", lambda r: r.max_dist, False, 1e-4),
     ("Dice on the independent images, foreground",
-     lambda r: r.dice_independent[0] if r.dice_independent else None, True),
+     lambda r: r.dice_independent[0] if r.dice_independent else None, True, 1e-3),
 ]
 
 
@@ -617,7 +677,9 @@ def _seed_section(config: StudyConfig, ds: StudyDataset, rows: list[VariantResul
     assert ds.seeds is not None
     seeds = ds.seeds.seeds.get(budget, [])
     names = [n for n in ds.seeds.variants if any(r.variant == n for r in rows)]
-    v0 = variant_config(ds, next(v for v in config.variants if v.name == names[0]), budget, seed=seeds[0])
+    first = next(v for v in config.variants if v.name == names[0])
+    v0 = variant_config(ds, first, budget, seed=seeds[0])
+    main_steps = variant_config(ds, first, budget).steps
     done = {(r.variant, r.seed) for r in rows}
     missing = [f"{n} seed {s}" for s in seeds for n in ds.seeds.variants if (n, s) not in done]
     lines = [
@@ -628,7 +690,7 @@ def _seed_section(config: StudyConfig, ds: StudyDataset, rows: list[VariantResul
         f"so variants are compared seed by seed). Budget ({budget}): {v0.steps} steps of batch {v0.batch_size} x "
         f"{v0.grad_accumulation} accumulated passes on tiles {list(v0.data.tile_shape)}, BatchRenorm warm-up "
         f"{v0.schedule.warmup_steps} steps, ramp {v0.schedule.ramp_steps} steps"
-        + (", shorter than the main table's" if budget in ds.seeds.budgets else "")
+        + (f", shorter than the main table's {main_steps} steps" if v0.steps < main_steps else "")
         + ". Mean ± standard deviation over the seeds; values are foreground / boundary."
         + (f" Not measured yet: {', '.join(missing)}." if missing else ""),
         "",
@@ -645,21 +707,26 @@ def _seed_section(config: StudyConfig, ds: StudyDataset, rows: list[VariantResul
         disp = ("n/a" if rs[0].disparity is None else
                 " / ".join(_mean_sd([r.disparity[c] for r in rs if r.disparity]) for c in per_class))
         row = (f"| {rs[0].norm} | {rs[0].input_normalization} | {len(rs)} | {dice_eval} | {disp} | "
-               f"{_mean_sd([r.max_dist for r in rs])} |")
+               f"{_mean_sd([r.max_dist for r in rs], '{:.2g}')} |")
         if indep:
             ind = [r.dice_independent for r in rs if r.dice_independent]
             row += (" " + " / ".join(_mean_sd([v[c] for v in ind]) for c in per_class) + " |") if ind else " n/a |"
         lines.append(row)
-    lines += ["", "Orderings, from the spread (each pair compared seed by seed; '>' is better; a paired t-test at "
-              "the 5% level decides; '≈' when the seeds do not resolve the difference):", ""]
-    for label, pick, higher in _SEED_METRICS:
+    tests: list[tuple[str, PairedTest]] = []
+    for label, pick, higher, atol in _SEED_METRICS:
         vals = {n: _seed_values(rows, n, pick) for n in names}
         have = [n for n in names if vals[n]]
-        if len(have) < 2:
-            continue
-        pairs = [paired_ordering(a, b, vals[a], vals[b], higher_is_better=higher)
-                 for i, a in enumerate(have) for b in have[i + 1:]]
-        lines.append(f"- **{label}**: " + "; ".join(pairs) + ".")
+        tests += [(label, paired_test(a, b, vals[a], vals[b], higher_is_better=higher, atol=atol))
+                  for i, a in enumerate(have) for b in have[i + 1:]]
+    adjusted = holm([t.p for _, t in tests])
+    lines += ["", f"Orderings, from the spread: each pair compared seed by seed (a paired t-test, at least {MIN_SEEDS} "
+              f"seeds), p-values Holm-corrected for the {sum(p is not None for p in adjusted)} tests of this section; "
+              "'>' is better at the 5% level, '≈' when the seeds do not resolve the difference, '=' when every seed "
+              "agrees within the metric's tolerance (1e-3; max_dist 1e-4).", ""]
+    for label, *_ in _SEED_METRICS:
+        mine = [paired_ordering(t, p) for (lab, t), p in zip(tests, adjusted, strict=True) if lab == label]
+        if mine:
+            lines.append(f"- **{label}**: " + "; ".join(mine) + ".")
     lines += ["", "Every run:", "", "| variant | seed | steps | Dice eval | disparity | max_dist |"
               + (" Dice independent |" if indep else ""),
               "|---|---|---|---|---|---|" + ("---|" if indep else "")]
@@ -667,14 +734,13 @@ def _seed_section(config: StudyConfig, ds: StudyDataset, rows: list[VariantResul
         lines.append(f"| {r.variant} | {r.seed} | {r.steps} | {_pair(r.dice_eval)} | {_pair(r.disparity)} | "
                      f"{r.max_dist:.2g} |" + (f" {_pair(r.dice_independent)} |" if indep else ""))
     if n_images:
-        image_names = [s.name for s in next(r for r in rows if r.independent).independent or []]
+        image_names = list(dict.fromkeys(s.name for r in rows for s in r.independent or []))
         lines += ["", "Foreground Dice per independent image (mean ± sd over the seeds):", "",
                   "| image | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for i, image in enumerate(image_names):
+        for image in image_names:
             cells = []
             for name in names:
-                vals = [r.independent[i].dice[0] for r in rows
-                        if r.variant == name and r.independent and len(r.independent) > i]
+                vals = [s.dice[0] for r in rows if r.variant == name for s in r.independent or [] if s.name == image]
                 cells.append(_mean_sd(vals) if vals else "n/a")
             lines.append(f"| {image} | " + " | ".join(cells) + " |")
     if ds.independent:
@@ -752,8 +818,9 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
             f"{ds_rows[0].predict_tile} and halo {ds_rows[0].halo}."
             + (" " + _budget_note(b) if b is not None else ""),
             "",
-            "| norm | input norm | Dice eval | Dice train mode | disparity | tile mismatch | max_dist | train time |",
-            "|---|---|---|---|---|---|---|---|",
+            "| norm | input norm | Dice eval | Dice train mode | disparity | tile mismatch | max_dist | train time |"
+            + (" Dice independent |" if any(r.independent for r in ds_rows) else ""),
+            "|---|---|---|---|---|---|---|---|" + ("---|" if any(r.independent for r in ds_rows) else ""),
         ]
         for r in ds_rows:
             mismatch = "no" if r.seamless else _pair(r.mismatch)
@@ -761,6 +828,7 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
             lines.append(
                 f"| {r.norm} | {r.input_normalization} | {_pair(r.dice_eval)} | {_pair(r.dice_train)} | "
                 f"{_pair(r.disparity)} | {mismatch} | {r.max_dist:.2g} | {t} |"
+                + (f" {_pair(r.dice_independent)} |" if any(x.independent for x in ds_rows) else "")
             )
         seamless = [r.variant for r in ds_rows if r.seamless]
         stable = [r.variant for r in ds_rows if r.disparity is not None and max(r.disparity) <= 0.05]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ._version import __version__
 from .config import ExportConfig, GateConfig, StrictModel, TrainConfig, atomic_write_text
@@ -53,6 +53,13 @@ class ZooEntry(StrictModel):
     independent: list[IndependentImages] = Field(default_factory=list)
     """Labelled images from other sources than the training data (another microscope, bit depth, annotator):
     ``zoo check`` scores the package on them as shipped and writes the figures into the README."""
+
+    @model_validator(mode="after")
+    def _unique_sets(self) -> ZooEntry:
+        names = [i.name for i in self.independent]
+        if len(set(names)) != len(names):
+            raise ValueError(f"zoo entry {self.name}: independent image names must be unique, got {names}")
+        return self
 
     @property
     def package_name(self) -> str:
@@ -160,43 +167,34 @@ def _gate_hook(config: GateConfig, image: np.ndarray, labels: np.ndarray, name: 
 
 def package_dice(package: str | os.PathLike[str], specs: list[IndependentImages], *,
                  base_dir: str | os.PathLike[str] | None = None, device: str = "auto",
-                 threshold: float = 0.5) -> list[IndependentScore]:
+                 config: GateConfig | None = None) -> list[IndependentScore]:
     """Dice of a package as shipped on labelled images: each image preprocessed by the package's own pipeline
-    (bioimage.io's, on the whole image), predicted tile by tile with the package's halo, scored against the
-    training targets of its labels (the gate's rule for instance labels)."""
+    (bioimage.io's, on the whole image), predicted tile by tile with the package's halo (tiles as the trainer
+    validates: 128 per axis enlarged for the halo, at most the image), scored against the training targets of
+    its labels (the gate's rule for instance labels) at the gate config's threshold."""
     from .bmz.gate import _targets
     from .bmz.subject import load_subject
     from .data import load_independent
     from .metrics import independent_dice
     from .tiling import TiledPredictor
+    from .train.trainer import _val_tile
 
-    subject = load_subject(package, GateConfig())
+    config = config or GateConfig()
+    subject = load_subject(package, config)
     halo = tuple(subject.declared_halo or (0,) * subject.dims)
     scores: list[IndependentScore] = []
     for spec in specs:
-        images = load_independent(spec, base_dir, dims=subject.dims)
-        for im in images:
+        for im in load_independent(spec, base_dir, dims=subject.dims, channels=subject.in_channels):
             spatial = tuple(im.labels.shape)
-            tile = _eval_tile(spatial, halo, subject.divisor)
+            tile = _val_tile((128,) * subject.dims, halo, subject.divisor, spatial)
             predict = TiledPredictor(subject.network, tile, halo, device=device, divisor=subject.divisor).predict
 
             def targets(labels: np.ndarray, channels: int, _spatial: tuple[int, ...] = spatial) -> np.ndarray:
                 return _targets(labels, _spatial, channels, subject.dims)[1]
 
             scores += independent_dice(predict, [im], preprocess=subject.preprocess, targets=targets,
-                                       threshold=threshold)
+                                       threshold=config.threshold)
     return scores
-
-
-def _eval_tile(spatial: tuple[int, ...], halo: tuple[int, ...], divisor: tuple[int, ...]) -> tuple[int, ...]:
-    """Tiles of 128 voxels of output (at least twice the halo) plus the halo, a multiple of the divisor, never
-    larger than the image padded to the divisor."""
-    out = []
-    for s, h, d in zip(spatial, halo, divisor, strict=True):
-        want = max(128, 2 * h) + 2 * h
-        cap = -(-(s + 2 * h) // d) * d
-        out.append(-(-min(want, cap) // d) * d)
-    return tuple(out)
 
 
 def check_zoo(root: str | os.PathLike[str], *, progress: bool = False) -> list[tuple[str, Any]]:
@@ -214,7 +212,7 @@ def check_zoo(root: str | os.PathLike[str], *, progress: bool = False) -> list[t
         image, labels, name = gate_data(cfg, folder)
         report = validate_package(package, image, labels, config=entry.gate, out_dir=folder / "gate",
                                   name=name, progress=progress)
-        write_independent(folder, entry)
+        write_independent(folder, entry, training_labels=labels)
         out.append((entry.name, report))
     return out
 
@@ -223,38 +221,55 @@ INDEPENDENT_START = "<!-- zoo check: independent images -->"
 INDEPENDENT_END = "<!-- /zoo check -->"
 
 
-def write_independent(folder: Path, entry: ZooEntry) -> list[IndependentScore]:
+def write_independent(folder: Path, entry: ZooEntry, *, training_labels: np.ndarray | None = None,
+                      device: str = "auto") -> list[IndependentScore]:
     """Score the package on the entry's independent images; write ``gate/independent.json`` and the README's
-    section (between its markers, else before *Use it*)."""
-    if not entry.independent:
-        return []
+    section (between its markers, else before *Use it*). An entry without independent images loses both."""
     from datetime import date
 
+    from .introspect import resolve_device
     from .metrics.independent import object_diameter
 
-    scores = package_dice(folder / entry.package_name, entry.independent, base_dir=folder)
-    _, labels, _ = gate_data(TrainConfig.from_yaml(folder / entry.train), folder)
-    n, diameter = object_diameter(labels)
-    record = {"package": entry.package_name, "measured": date.today().isoformat(),
+    record_path = folder / "gate" / "independent.json"
+    readme = folder / "README.md"
+    if not entry.independent:
+        record_path.unlink(missing_ok=True)
+        if readme.exists():
+            atomic_write_text(readme, _replace_section(readme.read_text(), ""))
+        return []
+    dev = str(resolve_device(device))
+    scores = package_dice(folder / entry.package_name, entry.independent, base_dir=folder, device=dev,
+                          config=entry.gate)
+    if training_labels is None:
+        _, training_labels, _ = gate_data(TrainConfig.from_yaml(folder / entry.train), folder)
+    n, diameter = object_diameter(training_labels)
+    record = {"package": entry.package_name, "measured": date.today().isoformat(), "device": dev,
               "training_objects": {"held_out_region": n, "median_diameter": diameter},
               "sets": [s.model_dump(mode="json") for s in entry.independent],
               "scores": [s.model_dump(mode="json") for s in scores]}
-    (folder / "gate").mkdir(exist_ok=True)
-    atomic_write_text(folder / "gate" / "independent.json", json.dumps(record, indent=2) + "\n")
-    readme = folder / "README.md"
+    record_path.parent.mkdir(exist_ok=True)
+    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
     if readme.exists():
-        text = readme.read_text()
-        section = "\n".join(independent_section(entry, scores, record["measured"], diameter))
-        if INDEPENDENT_START in text and INDEPENDENT_END in text:
-            head, rest = text.split(INDEPENDENT_START, 1)
-            text = head + section + rest.split(INDEPENDENT_END, 1)[1]
-        elif "\n## Use it" in text:
-            head, rest = text.split("\n## Use it", 1)
-            text = head + section + "\n\n## Use it" + rest
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        atomic_write_text(readme, text)
+        section = "\n".join(independent_section(entry, scores, f"{record['measured']} ({dev})", diameter))
+        atomic_write_text(readme, _replace_section(readme.read_text(), section))
     return scores
+
+
+def _replace_section(text: str, section: str) -> str:
+    """``text`` with the section between the markers replaced (or inserted before *Use it*, or appended)."""
+    if INDEPENDENT_START in text:
+        head, rest = text.split(INDEPENDENT_START, 1)
+        if INDEPENDENT_END not in rest:
+            raise ValueError(f"README.md has {INDEPENDENT_START!r} but not {INDEPENDENT_END!r}: restore the end "
+                             "marker (or delete the section) and run zoo check again")
+        tail = rest.split(INDEPENDENT_END, 1)[1]
+        return head + section + (tail if section else tail.lstrip("\n"))
+    if not section:
+        return text
+    if "\n## Use it" in text:
+        head, rest = text.split("\n## Use it", 1)
+        return head + section + "\n\n## Use it" + rest
+    return text.rstrip("\n") + "\n\n" + section + "\n"
 
 
 def independent_section(entry: ZooEntry, scores: list[IndependentScore], measured: str,
@@ -269,8 +284,8 @@ def independent_section(entry: ZooEntry, scores: list[IndependentScore], measure
     lines = [INDEPENDENT_START, "## On images from other sources", "",
              f"Dice of the package as shipped (its own preprocessing on each whole image, tiled with its halo) "
              f"against the labels, measured by `tilenorm-bmz zoo check` on {measured}. These images come from "
-             "other sources than the training image (microscope, cell line, bit depth, annotator): they say what "
-             f"to expect on your own data.{size}", "",
+             "other sources than the training image (microscope, cell line, bit depth, annotator): they indicate "
+             f"what to expect on your own data.{size}", "",
              "| set | image | dtype, values | nuclei, diameter | Dice (foreground / boundary) |",
              "|---|---|---|---|---|"]
     for spec in entry.independent:

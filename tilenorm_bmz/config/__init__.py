@@ -54,10 +54,11 @@ from .gate import (
     ReportFormat,
 )
 from .model import NORM_KINDS, NormConfig, NormKind, PoolFactor, RenormSchedule, UNetConfig
-from .train import EXAMPLE_KINDS, ExampleKind, TrainConfig
+from .train import EXAMPLE_KINDS, STUDY_RUN_SETS, ExampleKind, StudyRunSet, TrainConfig
 
 __all__ = [
     "EXAMPLE_KINDS",
+    "STUDY_RUN_SETS",
     "GATE_CHECKS",
     "GATE_CONSUMERS",
     "INPUT_NORM_KINDS",
@@ -89,6 +90,7 @@ __all__ = [
     "StrictModel",
     "SyntheticConfig",
     "TargetConfig",
+    "StudyRunSet",
     "TrainConfig",
     "UNetConfig",
     "WeightFormat",

@@ -17,6 +17,10 @@ ExampleKind = Literal["2d", "3d"]
 """The commented example configs ``tilenorm-bmz train --example`` prints."""
 EXAMPLE_KINDS: tuple[str, ...] = get_args(ExampleKind)
 
+StudyRunSet = Literal["all", "main", "seeds"]
+"""What ``tilenorm-bmz study --runs`` trains: the main table, the repeats with other seeds, or both."""
+STUDY_RUN_SETS: tuple[str, ...] = get_args(StudyRunSet)
+
 class TrainConfig(StrictModel):
     """A training run: network, data, optimizer and the BatchRenorm schedule (``tilenorm-bmz train``).
 

@@ -53,6 +53,12 @@ class IndependentImages(StrictModel):
             raise ValueError(f"independent images {self.name}: planes is empty; list plane indices or omit it")
         return self
 
+    def resolve_paths(self, base_dir: str | os.PathLike[str]) -> IndependentImages:
+        """The same set with ``image`` / ``labels`` made absolute against ``base_dir`` (the config's folder)."""
+        if self.sample is not None:
+            return self
+        return self.model_copy(update=dict(zip(("image", "labels"), self.paths(base_dir), strict=True)))
+
     def paths(self, base_dir: str | os.PathLike[str] | None = None) -> tuple[Path, Path]:
         if self.sample is not None:
             return sample_path(self.sample)
@@ -71,8 +77,9 @@ class IndependentImage:
 
 
 def load_independent(spec: IndependentImages, base_dir: str | os.PathLike[str] | None = None,
-                     dims: int | None = None) -> list[IndependentImage]:
-    """The images of ``spec``; ``dims`` (the model's) is checked, with the fix named when it does not fit."""
+                     dims: int | None = None, channels: int | None = None) -> list[IndependentImage]:
+    """The images of ``spec``; ``dims`` and ``channels`` (the model's) are checked, with the fix named when they
+    do not fit. Every image must hold at least one labelled object (else its Dice says nothing)."""
     image_path, labels_path = spec.paths(base_dir)
     raw = open_image(image_path).read()
     labels = open_labels(labels_path).read()
@@ -92,4 +99,11 @@ def load_independent(spec: IndependentImages, base_dir: str | os.PathLike[str] |
     if dims is not None and out[0].labels.ndim != dims:
         raise ValueError(f"independent images {spec.name} are {out[0].labels.ndim}D but the model is {dims}D"
                          + ("; take 2D planes with `planes: [...]`" if dims == 2 else ""))
+    if channels is not None and raw.shape[0] != channels:
+        raise ValueError(f"independent images {spec.name} have {raw.shape[0]} channel(s) ({image_path.name}) but the "
+                         f"model takes {channels}: give a {channels}-channel image (e.g. the nuclear stain alone)")
+    empty = [im.name for im in out if not np.any(im.labels)]
+    if empty:
+        raise ValueError(f"independent images {', '.join(empty)} have no labelled objects: choose images (or planes) "
+                         "that show some")
     return out

@@ -36,8 +36,8 @@ class IndependentScore(BaseModel):
 
 def object_diameter(labels: np.ndarray) -> tuple[int, float | None]:
     """Number of instances and their median equivalent diameter (the disc's or ball's of the same size)."""
-    sizes = np.bincount(np.asarray(labels, dtype=np.int64).ravel())[1:]
-    sizes = sizes[sizes > 0]
+    ids, sizes = np.unique(np.asarray(labels), return_counts=True)
+    sizes = sizes[ids != 0]
     if not sizes.size:
         return 0, None
     dims = np.asarray(labels).ndim
