@@ -268,7 +268,7 @@ def _replace_section(text: str, section: str) -> str:
         return text
     if "\n## Use it" in text:
         head, rest = text.split("\n## Use it", 1)
-        return head + section + "\n\n## Use it" + rest
+        return head.rstrip("\n") + "\n\n" + section + "\n\n## Use it" + rest
     return text.rstrip("\n") + "\n\n" + section + "\n"
 
 
