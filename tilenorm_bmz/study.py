@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ._version import __version__
 from .config import NormKind, StrictModel, StudyRunSet, TrainConfig, atomic_write_text
 from .data.independent import IndependentImages
-from .metrics.independent import IndependentScore
+from .metrics.independent import IndependentScore, mean_dice
 
 __all__ = [
     "PAPER_VARIANTS",
@@ -216,8 +216,6 @@ class VariantResult(BaseModel):
 
     @property
     def dice_independent(self) -> list[float] | None:
-        from .metrics.independent import mean_dice
-
         return mean_dice(self.independent) if self.independent else None
 
     @property
@@ -484,9 +482,6 @@ def seed_plan(config: StudyConfig, budget: Budget) -> list[tuple[StudyDataset, S
     return plan
 
 
-RunSet = StudyRunSet
-
-
 def run_study(
     config: StudyConfig,
     *,
@@ -497,7 +492,7 @@ def run_study(
     base_dir: str | os.PathLike[str] | None = None,
     command: str | None = None,
     progress: bool = False,
-    runs: RunSet = "all",
+    runs: StudyRunSet = "all",
 ) -> list[VariantResult]:
     """Train (or reuse) and measure every selected dataset x variant, then the selected repeats (``seeds``);
     write the report. ``runs`` picks the main table, the repeats or both. Returns the rows."""
@@ -617,8 +612,8 @@ def paired_test(a: str, b: str, xa: dict[int, float], xb: dict[int, float], *, h
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
     equal = bool(n) and bool(np.all(np.abs(d) <= atol))
     p = None
-    if n >= MIN_SEEDS and not equal:
-        p = 0.0 if sd == 0.0 else float(2 * stats.t.sf(abs(mean) / (sd / np.sqrt(n)), n - 1))
+    if n >= MIN_SEEDS and not equal:  # the same gap on every seed (sd 0) is certain; scipy would give nan
+        p = 0.0 if sd == 0.0 else float(stats.ttest_rel([xa[s] for s in seeds], [xb[s] for s in seeds]).pvalue)
     return PairedTest(a, b, n, mean, sd, p, higher_is_better, equal)
 
 
@@ -639,7 +634,7 @@ def paired_ordering(test: PairedTest, p_adjusted: float | None = None, *, level:
     few seeds. Differences print as ``a - b``."""
     t = test
     p = t.p if p_adjusted is None else p_adjusted
-    spread = f"a - b = {t.mean:+.3g} ± {t.sd:.3g} over {t.n} seeds".replace("a - b", f"{t.a} - {t.b}")
+    spread = f"{t.a} - {t.b} = {t.mean:+.3g} ± {t.sd:.3g} over {t.n} seeds"
     if t.equal:
         return f"{t.a} = {t.b} (equal on every seed)"
     if t.n < MIN_SEEDS or p is None:
@@ -808,6 +803,7 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
             continue
         b = ds.budgets.get(budget)  # type: ignore[call-overload]
         v0 = variant_config(ds, config.variants[0], budget)  # type: ignore[arg-type]
+        scored = any(r.independent for r in ds_rows)  # the independent Dice column, when any row has it
         lines += [
             f"## {ds.name}",
             "",
@@ -819,8 +815,8 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
             + (" " + _budget_note(b) if b is not None else ""),
             "",
             "| norm | input norm | Dice eval | Dice train mode | disparity | tile mismatch | max_dist | train time |"
-            + (" Dice independent |" if any(r.independent for r in ds_rows) else ""),
-            "|---|---|---|---|---|---|---|---|" + ("---|" if any(r.independent for r in ds_rows) else ""),
+            + (" Dice independent |" if scored else ""),
+            "|---|---|---|---|---|---|---|---|" + ("---|" if scored else ""),
         ]
         for r in ds_rows:
             mismatch = "no" if r.seamless else _pair(r.mismatch)
@@ -828,7 +824,7 @@ def write_study_report(config: StudyConfig, *, budget: str = "cpu", command: str
             lines.append(
                 f"| {r.norm} | {r.input_normalization} | {_pair(r.dice_eval)} | {_pair(r.dice_train)} | "
                 f"{_pair(r.disparity)} | {mismatch} | {r.max_dist:.2g} | {t} |"
-                + (f" {_pair(r.dice_independent)} |" if any(x.independent for x in ds_rows) else "")
+                + (f" {_pair(r.dice_independent)} |" if scored else "")
             )
         seamless = [r.variant for r in ds_rows if r.seamless]
         stable = [r.variant for r in ds_rows if r.disparity is not None and max(r.disparity) <= 0.05]

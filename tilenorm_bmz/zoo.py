@@ -155,7 +155,7 @@ def build_entry(folder: str | os.PathLike[str], *, retrain: bool = False, progre
     report = validate_package(package, image, labels, config=entry.gate, out_dir=folder / "gate", name=name,
                               progress=progress)
     readme = write_readme(folder, entry, cfg, ckpt, report, export_cfg)
-    write_independent(folder, entry)
+    write_independent(folder, entry, training_labels=labels)
     return ZooBuild(folder, package, ckpt, report.accepted, report.report_html, readme)
 
 
@@ -182,18 +182,22 @@ def package_dice(package: str | os.PathLike[str], specs: list[IndependentImages]
     config = config or GateConfig()
     subject = load_subject(package, config)
     halo = tuple(subject.declared_halo or (0,) * subject.dims)
+    predictors: dict[tuple[int, ...], Any] = {}  # one per tile shape: the network is prepared once per predictor
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        tile = _val_tile((128,) * subject.dims, halo, subject.divisor, tuple(x.shape[1:]))
+        if tile not in predictors:
+            predictors[tile] = TiledPredictor(subject.network, tile, halo, device=device, divisor=subject.divisor)
+        return predictors[tile].predict(x)
+
+    def targets(labels: np.ndarray, channels: int) -> np.ndarray:
+        return _targets(labels, tuple(labels.shape), channels, subject.dims)[1]
+
     scores: list[IndependentScore] = []
     for spec in specs:
-        for im in load_independent(spec, base_dir, dims=subject.dims, channels=subject.in_channels):
-            spatial = tuple(im.labels.shape)
-            tile = _val_tile((128,) * subject.dims, halo, subject.divisor, spatial)
-            predict = TiledPredictor(subject.network, tile, halo, device=device, divisor=subject.divisor).predict
-
-            def targets(labels: np.ndarray, channels: int, _spatial: tuple[int, ...] = spatial) -> np.ndarray:
-                return _targets(labels, _spatial, channels, subject.dims)[1]
-
-            scores += independent_dice(predict, [im], preprocess=subject.preprocess, targets=targets,
-                                       threshold=config.threshold)
+        images = load_independent(spec, base_dir, dims=subject.dims, channels=subject.in_channels)
+        scores += independent_dice(predict, images, preprocess=subject.preprocess, targets=targets,
+                                   threshold=config.threshold)
     return scores
 
 
